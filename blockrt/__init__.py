@@ -1,0 +1,3 @@
+"""blockrt: export, compile and run Block Transformer language models."""
+
+__version__ = "0.1.0"

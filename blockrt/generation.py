@@ -1,0 +1,167 @@
+"""Generation parameters and token sampling, shared by the reference and the runtime.
+
+Sampling runs on whatever device the logits are on, with one row per sequence and per-row
+parameters (so a server can batch requests with different settings). Randomness is counter based:
+the draw for a row depends only on its seed and on how many tokens that sequence has generated,
+never on its neighbours in the batch, so a seeded request gives the same text alone or batched,
+and no host round trip or generator state is needed (CUDA-graph friendly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise ValueError(f"stop token id {t!r} is outside the vocabulary [0, {vocab_size})")
+
+    def stop_ids(self, eos_token_id: int) -> list[int]:
+        ids = list(self.stop_token_ids)
+        if not self.ignore_eos and eos_token_id not in ids:
+            ids.append(eos_token_id)
+        return ids
+
+
+@dataclass
+class SamplingState:
+    """Per-row sampling parameters and history, on the device of the logits."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    seed: torch.Tensor  # [B] int64
+    stop_ids: torch.Tensor  # [B, K] int64, -1 padded
+    seen: torch.Tensor | None  # [B, V] bool tokens seen (prompt + output), only with a penalty
+    any_sampling: bool
+    any_filter: bool
+
+    @classmethod
+    def create(cls, configs: list[GenerationConfig], prompts: list[list[int]], vocab_size: int,
+               eos_token_id: int, device: torch.device | str) -> "SamplingState":
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        stops = [c.stop_ids(eos_token_id) for c in configs]
+        width = max(1, max(len(s) for s in stops))
+        seen = None
+        if any(c.repetition_penalty != 1.0 for c in configs):
+            seen = torch.zeros(len(configs), vocab_size, dtype=torch.bool, device=device)
+            for row, p in enumerate(prompts):
+                seen[row, torch.tensor(p, dtype=torch.long, device=device)] = True
+        return cls(
+            temperature=t([c.temperature for c in configs], torch.float32),
+            top_k=t([c.top_k for c in configs], torch.int64),
+            top_p=t([c.top_p for c in configs], torch.float32),
+            repetition_penalty=t([c.repetition_penalty for c in configs], torch.float32),
+            seed=t([_mix_seed(c.seed, row) for row, c in enumerate(configs)], torch.int64),
+            stop_ids=t([s + [-1] * (width - len(s)) for s in stops], torch.int64),
+            seen=seen,
+            any_sampling=any(c.temperature > 0 for c in configs),
+            any_filter=any(c.temperature > 0 and (c.top_k > 0 or c.top_p < 1) for c in configs),
+        )
+
+    def rows(self, index: torch.Tensor) -> "SamplingState":
+        """The state of a subset of rows (for compacting a batch)."""
+        return SamplingState(self.temperature[index], self.top_k[index], self.top_p[index],
+                             self.repetition_penalty[index], self.seed[index], self.stop_ids[index],
+                             None if self.seen is None else self.seen[index], self.any_sampling, self.any_filter)
+
+
+def _mix_seed(seed: int, row: int) -> int:
+    return (seed * 1_000_003 + row * 7919) % (2**31 - 1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors; every product stays below 2**63."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [B, V], a pure function of (seed[b], step[b], token id)."""
+    base = _hash32(seed * 0x9E3779B1 + step * 0x632BE5AB)  # [B]
+    ids = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)
+    bits = _hash32(base[:, None] ^ _hash32(ids + 0x165667B1)[None, :])
+    return (bits.to(torch.float32) + 0.5) / 4294967296.0
+
+
+def sample(logits: torch.Tensor, state: SamplingState, step: torch.Tensor) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V] (float32). `step` [B] is each row's count of tokens
+    generated so far (the random stream position)."""
+    logits = logits.float()
+    if state.seen is not None:
+        penalty = state.repetition_penalty[:, None]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(state.seen, penalized, logits)
+    greedy = logits.argmax(dim=-1)
+    if not state.any_sampling:
+        return greedy
+    temperature = state.temperature.clamp(min=1e-5)[:, None]
+    scaled = logits / temperature
+    if state.any_filter:
+        scaled = _filter_top_k_top_p(scaled, state.top_k, state.top_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(state.seed, step, logits.shape[-1])))
+    sampled = (scaled + gumbel).argmax(dim=-1)  # Gumbel-max: a draw from softmax(scaled)
+    return torch.where(state.temperature > 0, sampled, greedy)
+
+
+def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, _ = scaled.sort(dim=-1, descending=True)
+    V = scaled.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1] smallest kept value under top-k
+    probs = sorted_logits.softmax(dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    before = probs.cumsum(dim=-1) - probs
+    keep_sorted = before < top_p[:, None]
+    cutoff = torch.where(keep_sorted, sorted_logits, torch.full_like(sorted_logits, float("inf"))).amin(dim=-1, keepdim=True)
+    threshold = torch.maximum(kth, cutoff)
+    return scaled.masked_fill(scaled < threshold, float("-inf"))
+
+
+def stopped(tokens: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    """[B] bool: the token just generated is one of the row's stop ids."""
+    return (tokens[:, None] == state.stop_ids).any(dim=-1)
+
+
+def mark_seen(state: SamplingState, tokens: torch.Tensor) -> None:
+    if state.seen is not None:
+        state.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
