@@ -1,0 +1,72 @@
+"""The `blockrt` command line: one module per verb, each only parsing flags and calling the library."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+# verb -> module under blockrt.cli that defines a click command named `command`
+VERBS = {
+    "presets": "presets",
+    "generate": "generate",
+    "export": "export",
+    "build": "build",
+    "verify": "verify",
+    "run": "run",
+    "bench": "bench",
+    "serve": "serve",
+    "triton": "triton",
+    "demo": "demo",
+}
+
+
+class _LazyGroup(click.Group):
+    """Imports a verb's module only when that verb runs (torch and friends load slowly)."""
+
+    def list_commands(self, ctx):
+        return [v for v in VERBS if importlib.util.find_spec(f"blockrt.cli.{VERBS[v]}") is not None]
+
+    def get_command(self, ctx, name):
+        if name not in VERBS or importlib.util.find_spec(f"blockrt.cli.{VERBS[name]}") is None:
+            return None
+        return importlib.import_module(f"blockrt.cli.{VERBS[name]}").command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="blockrt")
+def cli(verbose: int) -> None:
+    """blockrt: export Block Transformer language models to ONNX, compile them to TensorRT engines,
+    and run them with TensorRT, ONNX Runtime or PyTorch.
+
+    \b
+    Typical flow:
+      blockrt export --preset tiny_block --out artifacts/tiny     # ONNX graphs + manifest.json
+      blockrt verify artifacts/tiny                               # check against PyTorch
+      blockrt build artifacts/tiny                                # TensorRT engines (optional)
+      blockrt run artifacts/tiny --prompt-ids 1,2,3               # generate
+      blockrt bench artifacts/tiny --against hf                   # measure
+    """
+    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main() -> None:
+    """Entry point: user errors (bad flags, files, values) exit 2 with one clear line, no traceback."""
+    from blockrt.errors import UserError
+
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
