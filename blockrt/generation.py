@@ -52,50 +52,95 @@ class GenerationConfig:
         return ids
 
 
-@dataclass
 class SamplingState:
-    """Per-row sampling parameters and history, on the device of the logits."""
+    """Per-row sampling parameters (and token history for the repetition penalty) for a fixed
+    number of rows, on the device of the logits. Rows are assigned when a sequence joins."""
 
-    temperature: torch.Tensor  # [B] float32, 0 = greedy
-    top_k: torch.Tensor  # [B] int64, 0 = off
-    top_p: torch.Tensor  # [B] float32
-    repetition_penalty: torch.Tensor  # [B] float32
-    seed: torch.Tensor  # [B] int64
-    stop_ids: torch.Tensor  # [B, K] int64, -1 padded
-    seen: torch.Tensor | None  # [B, V] bool tokens seen (prompt + output), only with a penalty
-    any_sampling: bool
-    any_filter: bool
+    def __init__(self, capacity: int, vocab_size: int, device: torch.device | str, stop_width: int = 4):
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.temperature = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0 = greedy
+        self.top_k = torch.zeros(capacity, dtype=torch.int64, device=device)  # 0 = off
+        self.top_p = torch.ones(capacity, dtype=torch.float32, device=device)
+        self.repetition_penalty = torch.ones(capacity, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.stop_ids = torch.full((capacity, stop_width), -1, dtype=torch.int64, device=device)
+        self.seen: torch.Tensor | None = None  # [C, V] bool, allocated on first use of a penalty
+        self.configs: list[GenerationConfig | None] = [None] * capacity
+        self._refresh()
 
     @classmethod
     def create(cls, configs: list[GenerationConfig], prompts: list[list[int]], vocab_size: int,
                eos_token_id: int, device: torch.device | str) -> "SamplingState":
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+        width = max(1, max(len(c.stop_ids(eos_token_id)) for c in configs))
+        state = cls(len(configs), vocab_size, device, stop_width=width)
+        state.assign(list(range(len(configs))), configs, prompts, eos_token_id)
+        return state
 
-        stops = [c.stop_ids(eos_token_id) for c in configs]
-        width = max(1, max(len(s) for s in stops))
-        seen = None
-        if any(c.repetition_penalty != 1.0 for c in configs):
-            seen = torch.zeros(len(configs), vocab_size, dtype=torch.bool, device=device)
-            for row, p in enumerate(prompts):
-                seen[row, torch.tensor(p, dtype=torch.long, device=device)] = True
-        return cls(
-            temperature=t([c.temperature for c in configs], torch.float32),
-            top_k=t([c.top_k for c in configs], torch.int64),
-            top_p=t([c.top_p for c in configs], torch.float32),
-            repetition_penalty=t([c.repetition_penalty for c in configs], torch.float32),
-            seed=t([_mix_seed(c.seed, row) for row, c in enumerate(configs)], torch.int64),
-            stop_ids=t([s + [-1] * (width - len(s)) for s in stops], torch.int64),
-            seen=seen,
-            any_sampling=any(c.temperature > 0 for c in configs),
-            any_filter=any(c.temperature > 0 and (c.top_k > 0 or c.top_p < 1) for c in configs),
-        )
+    def assign(self, rows: list[int], configs: list[GenerationConfig], prompts: list[list[int]],
+               eos_token_id: int, seeds: list[int] | None = None) -> None:
+        """Give rows their parameters; `seeds` (default: config seed mixed with the row's position
+        in this call) make each row's random stream."""
+        seeds = seeds if seeds is not None else [_mix_seed(c.seed, i) for i, c in enumerate(configs)]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+
+        def put(tensor, values):
+            tensor[index] = torch.tensor(values, dtype=tensor.dtype, device=self.device)
+
+        put(self.temperature, [c.temperature for c in configs])
+        put(self.top_k, [c.top_k for c in configs])
+        put(self.top_p, [c.top_p for c in configs])
+        put(self.repetition_penalty, [c.repetition_penalty for c in configs])
+        put(self.seed, seeds)
+        stops = [c.stop_ids(eos_token_id)[: self.stop_ids.shape[1]] for c in configs]
+        put(self.stop_ids, [s + [-1] * (self.stop_ids.shape[1] - len(s)) for s in stops])
+        if any(c.repetition_penalty != 1.0 for c in configs) and self.seen is None:
+            self.seen = torch.zeros(len(self.configs), self.vocab_size, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[index] = False
+            for row, p in zip(rows, prompts):
+                self.seen[row, torch.tensor(p, dtype=torch.long, device=self.device)] = True
+        for row, c in zip(rows, configs):
+            self.configs[row] = c
+        self._refresh()
+
+    def move(self, dst: list[int], src: list[int]) -> None:
+        """Copy rows src -> dst (batch compaction)."""
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        for t in (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed, self.stop_ids, self.seen):
+            if t is not None:
+                t[d] = t[s]
+        for a, b in zip(dst, src):
+            self.configs[a] = self.configs[b]
+        self._refresh()
+
+    def head(self, n: int) -> "SamplingState":
+        """A view of rows [0, n)."""
+        view = SamplingState.__new__(SamplingState)
+        view.vocab_size, view.device = self.vocab_size, self.device
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_ids"):
+            setattr(view, name, getattr(self, name)[:n])
+        view.seen = None if self.seen is None else self.seen[:n]
+        view.configs = self.configs[:n]
+        return view._refresh()
 
     def rows(self, index: torch.Tensor) -> "SamplingState":
-        """The state of a subset of rows (for compacting a batch)."""
-        return SamplingState(self.temperature[index], self.top_k[index], self.top_p[index],
-                             self.repetition_penalty[index], self.seed[index], self.stop_ids[index],
-                             None if self.seen is None else self.seen[index], self.any_sampling, self.any_filter)
+        """A copy holding the given rows."""
+        view = SamplingState.__new__(SamplingState)
+        view.vocab_size, view.device = self.vocab_size, self.device
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_ids"):
+            setattr(view, name, getattr(self, name)[index])
+        view.seen = None if self.seen is None else self.seen[index]
+        view.configs = [self.configs[int(i)] for i in index]
+        return view._refresh()
+
+    def _refresh(self) -> "SamplingState":
+        """Host-side flags that let `sample` skip work no row needs."""
+        live = [c for c in self.configs if c is not None]
+        self.any_sampling = any(c.temperature > 0 for c in live)
+        self.any_filter = any(c.temperature > 0 and (c.top_k > 0 or c.top_p < 1) for c in live)
+        self.any_penalty = any(c.repetition_penalty != 1.0 for c in live)
+        return self
 
 
 def _mix_seed(seed: int, row: int) -> int:
@@ -127,7 +172,7 @@ def sample(logits: torch.Tensor, state: SamplingState, step: torch.Tensor) -> to
     """Next token ids [B] from logits [B, V] (float32). `step` [B] is each row's count of tokens
     generated so far (the random stream position)."""
     logits = logits.float()
-    if state.seen is not None:
+    if state.seen is not None and state.any_penalty:
         penalty = state.repetition_penalty[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(state.seen, penalized, logits)
