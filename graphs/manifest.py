@@ -17,6 +17,8 @@ from .contract import TensorSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"  # the exported model's state_dict, in the export dtype
+TOKENIZER_NAME = "tokenizer.json"
 
 
 class ArtifactError(ValueError):
@@ -102,7 +104,8 @@ class Manifest:
     pad_token_id: int
     cache_layout: str = "[batch, heads, seq, head_dim]"
     engines: dict[str, EngineEntry] = field(default_factory=dict)
-    tokenizer: str | None = None
+    assets: dict[str, FileEntry] = field(default_factory=dict)  # "weights", "tokenizer" -> file
+    tokenizer: str | None = None  # path of tokenizer.json in the artifact, if one was given
     source: str = ""  # preset name or checkpoint path
     format_version: int = FORMAT_VERSION
     blockrt_version: str = ""
@@ -126,10 +129,11 @@ class Manifest:
             raise ArtifactError(f"manifest format version {version!r} is not supported (expected "
                                 f"{FORMAT_VERSION}); re-export the model with this blockrt")
         try:
-            fields = {k: v for k, v in d.items() if k not in ("graphs", "engines", "limits")}
+            fields = {k: v for k, v in d.items() if k not in ("graphs", "engines", "assets", "limits")}
             return cls(**fields, limits=Limits(**d["limits"]),
                        graphs={k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()},
-                       engines={k: EngineEntry.from_dict(e) for k, e in d.get("engines", {}).items()})
+                       engines={k: EngineEntry.from_dict(e) for k, e in d.get("engines", {}).items()},
+                       assets={k: FileEntry(**f) for k, f in d.get("assets", {}).items()})
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"malformed manifest: {e}") from None
 
@@ -161,6 +165,7 @@ class Manifest:
         for g in self.graphs.values():
             out += [g.file, *g.external_data]
         out += [e.file for e in self.engines.values()]
+        out += list(self.assets.values())
         return out
 
     def verify_files(self, directory: str | os.PathLike) -> None:
