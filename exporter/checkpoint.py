@@ -110,12 +110,7 @@ class _Header:
 
     @functools.cached_property
     def kind(self) -> str:
-        if any(k.startswith("embedder.") for k in self.shapes):
-            return "block"
-        if any(k.startswith("gpt_neox.") for k in self.shapes):
-            return "vanilla"
-        raise CheckpointError(f"{self.where} is neither a Block Transformer checkpoint (tensors 'embedder.*') nor a "
-                              f"Pythia one (tensors 'gpt_neox.*'); its first tensors are: {_first(self.shapes)}")
+        return _layout_kind(self.shapes, self.where)
 
     @property
     def where(self) -> str:
@@ -123,7 +118,16 @@ class _Header:
         return files[0] if len(files) == 1 else str(self.source)
 
 
-def read_header(path: str | Path) -> _Header:
+def _layout_kind(shapes, where: str) -> str:
+    if any(k.startswith("embedder.") for k in shapes):
+        return "block"
+    if any(k.startswith("gpt_neox.") for k in shapes):
+        return "vanilla"
+    raise CheckpointError(f"{where} is neither a Block Transformer checkpoint (tensors 'embedder.*') nor a "
+                          f"Pythia one (tensors 'gpt_neox.*'); its first tensors are: {_first(shapes)}")
+
+
+def _read_header(path: str | Path) -> _Header:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
@@ -190,7 +194,7 @@ def _first(names, n: int = 3) -> str:
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
     """The model config of a checkpoint (from config.json or the tensor shapes), reading no weights."""
-    return _infer_config(read_header(path))
+    return _infer_config(_read_header(path))
 
 
 def load_checkpoint(path: str | Path, config: str | ModelConfig | None = None, dtype: str | None = None,
@@ -200,7 +204,7 @@ def load_checkpoint(path: str | Path, config: str | ModelConfig | None = None, d
     `config`: a preset name or a ModelConfig that overrides what the checkpoint says; by default it
     comes from `config.json` (Pythia) or from the tensor shapes. `dtype`: fp32, fp16, bf16, or
     None to keep the checkpoint's own dtype."""
-    header = read_header(path)
+    header = _read_header(path)
     kind = header.kind
     cfg = _infer_config(header) if config is None else _resolve_config(config)
     if cfg.kind != kind:
@@ -286,43 +290,40 @@ def _target_dtype(header: _Header, dtype: str | None) -> torch.dtype:
 # ------------------------------------------------------------------------------ config inference
 
 def _infer_config(header: _Header) -> ModelConfig:
-    if header.kind == "block":
-        return _infer_block(header)
-    if header.config_path is not None:
+    if header.kind == "vanilla" and header.config_path is not None:
         return _vanilla_from_hf(_read_json(header.config_path), header.config_path)
-    return VanillaConfig(decoder=_infer_stack(header, "gpt_neox", _shape(header, "gpt_neox.embed_in.weight")[0]))
+    return config_from_shapes(header.shapes, header.where)
 
 
-def _shape(header: _Header, name: str) -> tuple[int, ...]:
-    try:
-        return header.shapes[name]
-    except KeyError:
-        raise CheckpointError(f"cannot infer the model config: tensor '{name}' is not in {header.where}") from None
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str = "the checkpoint") -> ModelConfig:
+    """Infer a config from tensor names and shapes: layers from the largest layer index, widths
+    from the LayerNorms, vocab from the embeddings, block length h_block / h_e, heads by the
+    head-size rule. Pythia-layout names give a VanillaConfig, Block ones a BlockConfig."""
+    def shape(name: str) -> tuple[int, ...]:
+        try:
+            return shapes[name]
+        except KeyError:
+            raise CheckpointError(f"cannot infer the model config: tensor '{name}' is not in {where}") from None
 
+    def stack(prefix: str, vocab_size: int) -> NeoXConfig:
+        layer = re.compile(re.escape(prefix) + r"\.layers\.(\d+)\.")
+        indices = {int(m.group(1)) for k in shapes if (m := layer.match(k))}
+        if not indices:
+            raise CheckpointError(f"cannot infer the model config: {where} has no tensors '{prefix}.layers.N.*'")
+        try:
+            return NeoXConfig(num_layers=max(indices) + 1, hidden_size=shape(f"{prefix}.final_layer_norm.weight")[0],
+                              vocab_size=vocab_size,
+                              intermediate_size=shape(f"{prefix}.layers.0.mlp.dense_h_to_4h.weight")[0])
+        except ValueError as e:
+            raise CheckpointError(f"cannot infer the model config of {where}: {e}") from None
 
-def _infer_stack(header: _Header, prefix: str, vocab_size: int) -> NeoXConfig:
-    """One GPT-NeoX stack from its tensor shapes; heads follow the head-size rule."""
-    layer = re.compile(re.escape(prefix) + r"\.layers\.(\d+)\.")
-    indices = {int(m.group(1)) for k in header.shapes if (m := layer.match(k))}
-    if not indices:
-        raise CheckpointError(f"cannot infer the model config: {header.where} has no tensors '{prefix}.layers.N.*'")
-    hidden = _shape(header, f"{prefix}.final_layer_norm.weight")[0]
-    intermediate = _shape(header, f"{prefix}.layers.0.mlp.dense_h_to_4h.weight")[0]
-    try:
-        return NeoXConfig(num_layers=max(indices) + 1, hidden_size=hidden, vocab_size=vocab_size,
-                          intermediate_size=intermediate)
-    except ValueError as e:
-        raise CheckpointError(f"cannot infer the model config of {header.where}: {e}") from None
-
-
-def _infer_block(header: _Header) -> BlockConfig:
-    vocab, embed_dim = _shape(header, "embedder.embeddings.weight")
-    block = _infer_stack(header, "block_decoder.gpt_neox", vocab)
-    token = _infer_stack(header, "token_decoder.gpt_neox", vocab)
+    if _layout_kind(shapes, where) == "vanilla":
+        return VanillaConfig(decoder=stack("gpt_neox", shape("gpt_neox.embed_in.weight")[0]))
+    vocab, embed_dim = shape("embedder.embeddings.weight")
+    block, token = stack("block_decoder.gpt_neox", vocab), stack("token_decoder.gpt_neox", vocab)
     if block.hidden_size % embed_dim:
-        raise CheckpointError(f"cannot infer the block length of {header.where}: block decoder width "
-                              f"{block.hidden_size} is not a multiple of the embedding width {embed_dim} "
-                              f"('embedder.embeddings.weight' {[vocab, embed_dim]})")
+        raise CheckpointError(f"cannot infer the block length of {where}: block decoder width {block.hidden_size} "
+                              f"is not a multiple of the width of 'embedder.embeddings.weight' {[vocab, embed_dim]}")
     return BlockConfig(block_decoder=block, token_decoder=token, block_len=block.hidden_size // embed_dim)
 
 
