@@ -30,6 +30,8 @@ class _Step(nn.Module):
         if self.concat:
             return ConcatCache(keys, values), concat_mask(attention_mask, num_new)
         cache = ScatterCache(keys, values, write_index, inplace=self.inplace, attend_len=self.attend_len)
+        if self.attend_len == num_new:  # set by the runtime only when every sequence starts at row 0
+            return cache, None  # plain causal attention over the new rows
         return cache, scatter_mask(write_index, num_new, self.attend_len or keys[0].shape[2])
 
     def _result(self, first: torch.Tensor, cache):

@@ -1,0 +1,311 @@
+"""The generation loop: block steps and token steps over a batch of sequences, on the device.
+
+A `Generator` owns every buffer of a fixed number of rows (`capacity`): the KV caches, positions,
+sampling parameters and the per-row prefix (block models) or logits (vanilla models). Work goes
+in *rounds*; a round is one block: L token steps (sampling on the device after each), then one
+block step that folds the finished block into the block decoder's cache. A vanilla model's round
+is up to `vanilla_round` decode steps.
+
+- Sequences join between rounds (prefill of their prompt blocks on rows of their own) and leave
+  between rounds (finished rows are compacted away), so finished sequences stop costing work and a
+  server can batch continuously.
+- Within a round nothing waits for the host. Each round's tokens are copied to pinned host memory
+  asynchronously; the host reads round r while the device runs round r + 1 (stop checks, streaming)
+  so a finished row does at most one extra round of work.
+- Every row is independent: its own positions, cache rows, masks and random stream, so its tokens
+  equal what it would get alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from blockrt.errors import UserError
+from blockrt.generation import GenerationConfig, SamplingState, _mix_seed, mark_seen, sample
+from blockrt.graphs.manifest import Manifest
+
+from .engine import TORCH_DTYPES, Engine
+
+
+@dataclass
+class Request:
+    """One sequence: its prompt, parameters, output so far and timing (host clock, seconds)."""
+
+    id: int
+    prompt: list[int]  # as given (before block padding)
+    config: GenerationConfig
+    seed: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class TokenEvent:
+    """New tokens of one request after a round (`finished` once it ends)."""
+
+    request: Request
+    tokens: list[int]
+    finished: bool
+
+
+@dataclass
+class _Round:
+    event: object  # torch.cuda.Event or None on CPU
+    tokens: torch.Tensor  # host copy [n, K]
+    rows: list[Request]
+
+
+def _batch_bucket(n: int, capacity: int) -> int:
+    """Rows to run for n live rows: a few fixed sizes, so CUDA graphs are captured few times."""
+    step = 8 if n <= 64 else 64
+    return min(capacity, step * math.ceil(n / step))
+
+
+class Generator:
+    def __init__(self, manifest: Manifest, engines: dict[str, Engine], capacity: int, device: torch.device,
+                 pad_rows: bool = False, pipeline_depth: int = 1, vanilla_round: int = 8):
+        self.manifest, self.engines, self.capacity, self.device = manifest, engines, capacity, device
+        self.config = manifest.model_config
+        self.block = manifest.kind == "block"
+        self.L = manifest.block_len if self.block else 1
+        self.pad_rows, self.depth = pad_rows, pipeline_depth
+        self.round_tokens = self.L if self.block else vanilla_round
+        self.cache_len = manifest.limits.cache_len
+        self.max_context = manifest.limits.max_context
+        dtype = TORCH_DTYPES[{"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[manifest.dtype]]
+        main = self.config.block_decoder if self.block else self.config.decoder
+        self.caches = self._alloc(main, self.cache_len, dtype)
+        C = capacity
+        if self.block:
+            tok = self.config.token_decoder
+            self.token_caches = self._alloc(tok, self.L + 1, dtype)
+            self.prefix = torch.zeros(C, 2, tok.hidden_size, dtype=dtype, device=device)
+            self.local_pos = [torch.full((C,), p, dtype=torch.long, device=device) for p in range(self.L + 1)]
+            self.first_ids = torch.zeros(C, 2, dtype=torch.long, device=device)
+        else:
+            self.logits = torch.zeros(C, self.config.vocab_size, dtype=torch.float32, device=device)
+        self.past = torch.zeros(C, dtype=torch.long, device=device)  # cached blocks (tokens) per row
+        self.generated = torch.zeros(C, dtype=torch.long, device=device)  # sampling stream position
+        self.ones = torch.ones(C, dtype=torch.long, device=device)
+        self.sampling = SamplingState(C, self.config.vocab_size, device, stop_width=8)
+        self.rows: list[Request] = []  # live rows 0..n-1
+        self.row_past: list[int] = []  # host mirror of self.past for live rows
+        self.row_launched: list[int] = []  # tokens launched per live row
+        self.queue: collections.deque[Request] = collections.deque()
+        self.inflight: collections.deque[_Round] = collections.deque()
+        self._ids = itertools.count()
+
+    def _alloc(self, stack, length: int, dtype) -> list[torch.Tensor]:
+        shape = (self.capacity, stack.num_heads, length, stack.head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * stack.num_layers)]
+
+    # ---------------------------------------------------------------- requests
+    def add(self, prompt: list[int], config: GenerationConfig, seed: int | None = None) -> Request:
+        """Queue a sequence; it joins at the next round. `seed` is the row's random stream (default:
+        from config.seed). Bad input raises UserError and changes nothing."""
+        vocab = self.config.vocab_size
+        if len(prompt) == 0:
+            raise UserError("empty prompt: every prompt needs at least one token id")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise UserError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        try:
+            config.validate(vocab)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        padded = len(prompt) + (-len(prompt) % self.L)
+        if padded + config.max_new_tokens > self.max_context:
+            raise UserError(f"prompt of {len(prompt)} tokens (padded to {padded}) + max_new_tokens "
+                            f"{config.max_new_tokens} exceeds the artifact's max context of {self.max_context} "
+                            f"tokens: shorten the prompt, lower max_new_tokens or re-export with a larger --max-context")
+        if len(config.stop_ids(self.config.eos_token_id)) > self.sampling.stop_ids.shape[1]:
+            raise UserError(f"at most {self.sampling.stop_ids.shape[1] - 1} stop token ids are supported")
+        seed = seed if seed is not None else _mix_seed(config.seed, 0)
+        request = Request(next(self._ids), list(prompt), config, seed,
+                          submitted_at=time.perf_counter())
+        self.queue.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request; its row is freed at the next round."""
+        if not request.finished:
+            request.finish_reason, request.finished_at = "cancelled", time.perf_counter()
+        if request in self.queue:
+            self.queue.remove(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue or self.inflight or any(not r.finished for r in self.rows))
+
+    def reset(self) -> None:
+        """Forget every request (after an error); the buffers stay allocated."""
+        for r in itertools.chain(self.rows, self.queue):
+            if not r.finished:
+                r.finish_reason = "error"
+        self.rows, self.row_past, self.row_launched = [], [], []
+        self.queue.clear()
+        self.inflight.clear()
+
+    # ---------------------------------------------------------------- the loop
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting sequences, launch one round, and return the tokens of the oldest round
+        whose results are ready (rounds run `pipeline_depth` ahead of the host)."""
+        self._compact()
+        self._admit()
+        launched = self._launch_round()
+        events: list[TokenEvent] = []
+        while len(self.inflight) > self.depth or (self.inflight and not launched):
+            events += self._collect(self.inflight.popleft())
+        return events
+
+    def _compact(self) -> None:
+        """Move live rows from the tail into the holes of finished ones."""
+        keep = [i for i, r in enumerate(self.rows) if not r.finished]
+        if len(keep) == len(self.rows):
+            return
+        n = len(keep)
+        holes = [i for i in range(n) if self.rows[i].finished]
+        tail = [i for i in keep if i >= n]
+        if holes:
+            dst = torch.tensor(holes, device=self.device)
+            src = torch.tensor(tail, device=self.device)
+            buffers = [*self.caches, self.past, self.generated, self.prefix if self.block else self.logits]
+            for t in buffers:
+                t[dst] = t[src]
+            self.sampling.move(holes, tail)
+            for h, t in zip(holes, tail):
+                self.rows[h], self.row_past[h], self.row_launched[h] = self.rows[t], self.row_past[t], self.row_launched[t]
+        del self.rows[n:], self.row_past[n:], self.row_launched[n:]
+
+    def _admit(self) -> None:
+        joining: list[Request] = []
+        while self.queue and len(self.rows) + len(joining) < self.capacity:
+            request = self.queue.popleft()
+            if not request.finished:
+                joining.append(request)
+        if not joining:
+            return
+        start, k = len(self.rows), len(joining)
+        rows = list(range(start, start + k))
+        pad = self.config.pad_token_id
+        prompts = [[pad] * (-len(r.prompt) % self.L) + r.prompt for r in joining]
+        units = [len(p) // self.L for p in prompts]  # blocks (tokens for vanilla) per prompt
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        new_len = torch.tensor(units, dtype=torch.long, device=self.device)
+        zero = torch.zeros(k, dtype=torch.long, device=self.device)
+        self.sampling.assign(rows, [r.config for r in joining], [r.prompt for r in joining],
+                             self.config.eos_token_id, seeds=[r.seed for r in joining])
+        self.past[start:start + k] = new_len
+        self.generated[start:start + k] = 0
+        caches = [c[start:start + k] for c in self.caches]
+        first = self._main_step(ids, zero, new_len, caches, attend_len=max(units))  # causal prefill
+        (self.prefix if self.block else self.logits)[start:start + k] = first
+        self.rows += joining
+        self.row_past += units
+        self.row_launched += [0] * k
+
+    def _main_step(self, ids, past, new_len, caches, attend_len):
+        engine = self.engines["block_decoder" if self.block else "decoder"]
+        return engine([ids, past, new_len], caches, attend_len=attend_len)
+
+    def _launch_round(self) -> bool:
+        remaining = max((r.config.max_new_tokens - launched for r, launched in zip(self.rows, self.row_launched)
+                         if not r.finished), default=0)
+        if remaining <= 0:
+            return False
+        n_live = len(self.rows)
+        n = _batch_bucket(n_live, self.capacity) if self.pad_rows else n_live
+        count = min(self.round_tokens, remaining)
+        last_round = remaining <= self.round_tokens  # every row ends within this round
+        state = self.sampling.head(n)
+        generated = self.generated[:n]
+        tokens = []
+        if self.block:
+            caches = [c[:n] for c in self.token_caches]
+            prefix = self.prefix[:n]
+            ids = self.first_ids[:n]  # positions 0 and 1 read the prefix
+            for k in range(count):
+                position = self.local_pos[0 if k == 0 else k + 1][:n]
+                logits = self.engines["token_decoder"]([ids, prefix, position], caches)
+                token = sample(logits, state, generated)
+                mark_seen(state, token)
+                generated += 1
+                tokens.append(token)
+                ids = token[:, None]
+            if not last_round:
+                self._advance(torch.stack(tokens, dim=1), n, n_live)
+        else:
+            for k in range(count):
+                token = sample(self.logits[:n], state, generated)
+                mark_seen(state, token)
+                generated += 1
+                tokens.append(token)
+                if not (last_round and k == count - 1):
+                    self.logits[:n] = self._advance(token[:, None], n, n_live)
+        self._record(torch.stack(tokens, dim=1), n_live, count)
+        return True
+
+    def _advance(self, new_ids: torch.Tensor, n: int, n_live: int) -> torch.Tensor:
+        """Fold one new block (token) per row into the main cache; returns the step's output."""
+        write = self.past[:n].clamp(max=self.cache_len - 1)  # finished rows may run one round over
+        caches = [c[:n] for c in self.caches]
+        attend = min(self.cache_len, max(self.row_past) + 1)
+        out = self._main_step(new_ids, write, self.ones[:n], caches, attend_len=attend)
+        self.past[:n] += 1
+        self.row_past = [p + 1 for p in self.row_past]
+        if self.block:
+            self.prefix[:n] = out
+        return out
+
+    def _record(self, tokens: torch.Tensor, n_live: int, count: int) -> None:
+        self.row_launched = [x + count for x in self.row_launched]
+        tokens = tokens[:n_live]
+        if self.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = tokens.clone(), None
+        self.inflight.append(_Round(event, host, list(self.rows)))
+
+    def _collect(self, round_: _Round) -> list[TokenEvent]:
+        if round_.event is not None:
+            round_.event.synchronize()
+        now = time.perf_counter()
+        events = []
+        eos = self.config.eos_token_id
+        for request, row_tokens in zip(round_.rows, round_.tokens.tolist()):
+            if request.finished:
+                continue
+            stops = request.config.stop_ids(eos)
+            new = []
+            for t in row_tokens:
+                new.append(t)
+                request.tokens.append(t)
+                if t in stops:
+                    request.finish_reason = "stop"
+                    break
+                if len(request.tokens) >= request.config.max_new_tokens:
+                    request.finish_reason = "length"
+                    break
+            if request.first_token_at is None and new:
+                request.first_token_at = now
+            if request.finished:
+                request.finished_at = now
+            events.append(TokenEvent(request, new, request.finished))
+        return events
