@@ -76,12 +76,15 @@ def _batch_bucket(n: int, capacity: int) -> int:
 
 class Generator:
     def __init__(self, manifest: Manifest, engines: dict[str, Engine], capacity: int, device: torch.device,
-                 pad_rows: bool = False, pipeline_depth: int = 1, vanilla_round: int = 8):
+                 pad_rows: bool = False, pipeline_depth: int = 1, vanilla_round: int = 8,
+                 prefill_budget: int = 65536):
         self.manifest, self.engines, self.capacity, self.device = manifest, engines, capacity, device
         self.config = manifest.model_config
         self.block = manifest.kind == "block"
         self.L = manifest.block_len if self.block else 1
         self.pad_rows, self.depth = pad_rows, pipeline_depth
+        self.prefill_budget = prefill_budget  # prompt positions (blocks or tokens) per prefill call
+        self.timings: dict[str, list] | None = None  # name -> [(start, end) CUDA events], when profiling
         self.round_tokens = self.L if self.block else vanilla_round
         self.cache_len = manifest.limits.cache_len
         self.max_context = manifest.limits.max_context
@@ -196,8 +199,20 @@ class Generator:
             request = self.queue.popleft()
             if not request.finished:
                 joining.append(request)
-        if not joining:
-            return
+        # prefill in groups of rows, so activations stay bounded for long prompts and big batches
+        group: list[Request] = []
+        longest = 0
+        for request in joining:
+            units = math.ceil(len(request.prompt) / self.L)
+            if group and (len(group) + 1) * max(longest, units) > self.prefill_budget:
+                self._prefill(group)
+                group, longest = [], 0
+            group.append(request)
+            longest = max(longest, units)
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, joining: list[Request]) -> None:
         start, k = len(self.rows), len(joining)
         rows = list(range(start, start + k))
         pad = self.config.pad_token_id
@@ -219,8 +234,19 @@ class Generator:
         self.row_launched += [0] * k
 
     def _main_step(self, ids, past, new_len, caches, attend_len):
-        engine = self.engines["block_decoder" if self.block else "decoder"]
-        return engine([ids, past, new_len], caches, attend_len=attend_len)
+        name = "block_decoder" if self.block else "decoder"
+        return self._timed(name, self.engines[name], [ids, past, new_len], caches, attend_len=attend_len)
+
+    def _timed(self, name: str, fn, *args, **kwargs):
+        """Call fn; when profiling, bracket its device work with CUDA events under `name`."""
+        if self.timings is None:
+            return fn(*args, **kwargs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args, **kwargs)
+        end.record()
+        self.timings.setdefault(name, []).append((start, end))
+        return out
 
     def _launch_round(self) -> bool:
         remaining = max((r.config.max_new_tokens - launched for r, launched in zip(self.rows, self.row_launched)
@@ -240,8 +266,8 @@ class Generator:
             ids = self.first_ids[:n]  # positions 0 and 1 read the prefix
             for k in range(count):
                 position = self.local_pos[0 if k == 0 else k + 1][:n]
-                logits = self.engines["token_decoder"]([ids, prefix, position], caches)
-                token = sample(logits, state, generated)
+                logits = self._timed("token_decoder", self.engines["token_decoder"], [ids, prefix, position], caches)
+                token = self._timed("sampling", sample, logits, state, generated)
                 mark_seen(state, token)
                 generated += 1
                 tokens.append(token)
@@ -250,7 +276,7 @@ class Generator:
                 self._advance(torch.stack(tokens, dim=1), n, n_live)
         else:
             for k in range(count):
-                token = sample(self.logits[:n], state, generated)
+                token = self._timed("sampling", sample, self.logits[:n], state, generated)
                 mark_seen(state, token)
                 generated += 1
                 tokens.append(token)
