@@ -7,3 +7,4 @@ from .presets import PRESETS, TINY_PRESETS, get_preset
 
 __all__ = ["BlockConfig", "ModelConfig", "NeoXConfig", "VanillaConfig", "BlockTransformer", "GPTNeoXLM",
            "build_model", "init_random", "PRESETS", "TINY_PRESETS", "get_preset"]
+from .export import export
