@@ -221,14 +221,15 @@ def build_model(config: BlockConfig | VanillaConfig) -> BlockTransformer | GPTNe
 def init_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
     """Deterministic random weights (normal(0, std) matrices and embeddings, unit LayerNorms,
     small biases): the stand-in for trained checkpoints, which we cannot download."""
-    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name or "layer_norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if name.endswith("weight")
-                        else 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device) if name.endswith("weight")
+                        else 0.1 * torch.randn(p.shape, generator=gen, device=device))
             elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device))
             else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
+                p.copy_(std * torch.randn(p.shape, generator=gen, device=device))
     return model

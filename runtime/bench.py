@@ -1,0 +1,416 @@
+"""Benchmarks: the same named metrics every time, as a table and as JSON.
+
+A run generates `gen_len` tokens after `prompt_len`-token random prompts for `batch` sequences
+with EOS ignored, and reports time to first token (TTFT: a batch generating one token), time per
+output token (TPOT), output and total tokens/s, peak GPU memory, the GPU time of every engine step
+(CUDA events), the share of wall time the host spent not overlapped with GPU work, and for each
+step the fraction of its hardware floor: max(bytes it must move / measured copy bandwidth,
+FLOPs / measured bf16 matrix rate).
+
+Baselines run in the same process on the same workload: another blockrt model (`--against`) or
+Hugging Face transformers `generate` on the vanilla model's weights (`--against hf`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from blockrt.generation import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass
+class Hardware:
+    device: str
+    copy_bandwidth_gbs: float  # measured device-to-device, bytes read + written
+    matmul_tflops: float  # measured bf16 (fp32 on CPU) matrix rate
+
+
+@dataclass
+class StepStats:
+    calls: int
+    gpu_ms_median: float
+    gpu_ms_total: float
+    floor_ms: float | None = None  # hardware floor of a median call
+    floor_fraction: float | None = None  # floor / measured
+
+
+@dataclass
+class BenchResult:
+    name: str
+    engine: str  # "blockrt-torch", "blockrt-onnxruntime", "hf-transformers"
+    kind: str
+    dtype: str
+    batch: int
+    prompt_len: int
+    gen_len: int
+    wall_s: float
+    ttft_s: float
+    tpot_ms: float
+    output_tok_s: float
+    total_tok_s: float
+    peak_mem_gib: float | None
+    host_overhead: float | None = None  # share of wall time the GPU waited for the host
+    steps: dict[str, StepStats] = field(default_factory=dict)
+    workload: str = "custom"
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.node(),
+           "cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   compute_capability=f"{p.major}.{p.minor}")
+    for mod in ("onnxruntime", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return env
+
+
+def measure_hardware(device: torch.device) -> Hardware:
+    """Copy bandwidth and matrix rate, measured once (medians of CUDA-event timings)."""
+    if device.type != "cuda":
+        return Hardware(str(device), float("nan"), float("nan"))
+    n = 1 << 30  # 1 GiB copies
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), 20)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    mm_ms = _median_ms(lambda: a @ b, 20)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return Hardware(torch.cuda.get_device_name(device), 2 * n / copy_ms / 1e6, 2 * 8192**3 / mm_ms / 1e9)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=g).tolist()  # no EOS (0) in prompts
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, hw: Hardware, engine: str) -> BenchResult:
+    """One measured run of a blockrt Model (after a warm-up that captures graphs and fills pools)."""
+    device = model.device
+    prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
+    full = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
+    first = GenerationConfig(max_new_tokens=1, ignore_eos=True)
+    model.generate(prompts, full)  # warm-up: captures every CUDA graph the run needs, fills allocator pools
+    ttft = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompts, first)
+        _sync(device)
+        ttft.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = model.generator()
+    _sync(device)
+    t0 = time.perf_counter()
+    gen.timings = {} if device.type == "cuda" else None
+    outputs = model.generate(prompts, full)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    timings, gen.timings = gen.timings, None
+    assert all(len(o.token_ids) == gen_len for o in outputs), "a sequence stopped early with EOS ignored"
+    steps, busy_ms = {}, 0.0
+    for step, pairs in (timings or {}).items():
+        ms = [s.elapsed_time(e) for s, e in pairs]
+        busy_ms += sum(ms)
+        steps[step] = StepStats(len(ms), statistics.median(ms), sum(ms))
+    _add_floors(steps, model, batch, prompt_len, gen_len, hw)
+    ttft_s = statistics.median(ttft)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return BenchResult(name, engine, model.manifest.kind, model.manifest.dtype, batch, prompt_len, gen_len, wall,
+                       ttft_s, 1e3 * max(wall - ttft_s, 0) / max(gen_len - 1, 1), batch * gen_len / wall,
+                       batch * (prompt_len + gen_len) / wall, peak,
+                       host_overhead=max(0.0, 1 - busy_ms / 1e3 / wall) if timings else None, steps=steps)
+
+
+def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int, gen_len: int, hw: Hardware) -> None:
+    """Hardware floor of the median decode-phase call of each step (mid-generation context)."""
+    if math.isnan(hw.copy_bandwidth_gbs):
+        return
+    cfg, size = model.config, BYTES[model.manifest.dtype]
+    L = model.manifest.block_len
+    context = prompt_len + gen_len // 2  # tokens cached at the median call
+    if cfg.kind == "block":
+        costs = {"block_decoder": _stack_cost(cfg.block_decoder, batch, 1, context // L, size),
+                 "token_decoder": _stack_cost(cfg.token_decoder, batch, 1, (L + 1) // 2 + 1, size, lm_head=True)}
+    else:
+        costs = {"decoder": _stack_cost(cfg.decoder, batch, 1, context, size, lm_head=True)}
+    for step, (flops, nbytes) in costs.items():
+        if step in steps:
+            floor = 1e3 * max(nbytes / (hw.copy_bandwidth_gbs * 1e9), flops / (hw.matmul_tflops * 1e12))
+            steps[step].floor_ms = floor
+            steps[step].floor_fraction = floor / steps[step].gpu_ms_median
+
+
+def _stack_cost(stack, batch: int, new: int, attend: int, size: int, lm_head: bool = False) -> tuple[float, float]:
+    """(FLOPs, bytes) of one step of a NeoX stack: weights read once, KV cache read once, new
+    KV rows written, matmuls 2 * params per token, attention 4 * attend * h per token per layer."""
+    h, layers = stack.hidden_size, stack.num_layers
+    params = stack.non_embedding_params() + (stack.vocab_size * h if lm_head else 0)
+    tokens = batch * new
+    flops = 2 * tokens * params + 4 * tokens * attend * h * layers
+    kv = 2 * layers * batch * attend * h * size
+    logits = batch * stack.vocab_size * 4 if lm_head else 0
+    return flops, params * size + kv + logits
+
+
+def bench_hf(weights_model, batch: int, prompt_len: int, gen_len: int, dtype: str = "bf16", device="cuda") -> BenchResult:
+    """Hugging Face transformers `generate` (greedy, EOS ignored) on a vanilla model's weights."""
+    from blockrt.errors import require
+
+    transformers = require("transformers", "hf", "--against hf")
+    cfg = weights_model.config.decoder
+    hf_config = transformers.GPTNeoXConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, rotary_pct=cfg.rotary_pct,
+        rotary_emb_base=cfg.rotary_base, layer_norm_eps=cfg.layer_norm_eps, use_parallel_residual=True,
+        hidden_act="gelu", max_position_embeddings=prompt_len + gen_len, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    with torch.device(device):
+        hf = transformers.GPTNeoXForCausalLM(hf_config).to(torch_dtype)
+    state = dict(weights_model.state_dict())
+    if "lm_head.weight" in hf.state_dict():  # transformers 5 names the output layer lm_head
+        state["lm_head.weight"] = state.pop("embed_out.weight")
+    hf.load_state_dict(state, strict=True)
+    hf = hf.to(device).eval()
+    dev = torch.device(device)
+    ids = torch.tensor(random_prompts(batch, prompt_len, cfg.vocab_size), device=dev)
+    mask = torch.ones_like(ids)
+
+    def run(new):
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    run(2)
+    ttft = []
+    for _ in range(3):
+        _sync(dev)
+        t0 = time.perf_counter()
+        run(1)
+        _sync(dev)
+        ttft.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = run(gen_len)
+    _sync(dev)
+    wall = time.perf_counter() - t0
+    assert out.shape[1] == prompt_len + gen_len
+    ttft_s = statistics.median(ttft)
+    result = BenchResult("hf:" + getattr(weights_model, "preset_name", "vanilla"), "hf-transformers-" + transformers.__version__,
+                         "vanilla", dtype, batch, prompt_len, gen_len, wall, ttft_s,
+                         1e3 * (wall - ttft_s) / max(gen_len - 1, 1), batch * gen_len / wall,
+                         batch * (prompt_len + gen_len) / wall,
+                         torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None)
+    del hf, out
+    gc.collect()
+    return result
+
+
+def per_row_bytes(model, prompt_len: int, gen_len: int) -> int:
+    """Device memory one sequence needs: caches, logits and a share of step activations."""
+    cfg, size = model.config, BYTES[model.manifest.dtype]
+    stack = cfg.block_decoder if cfg.kind == "block" else cfg.decoder
+    cache = 2 * stack.num_layers * stack.hidden_size * model.manifest.limits.cache_len * size
+    if cfg.kind == "block":
+        t = cfg.token_decoder
+        cache += 2 * t.num_layers * t.hidden_size * (cfg.block_len + 1) * size
+    logits = 3 * cfg.vocab_size * 4  # logits, sampling temporaries
+    activations = 16 * max(stack.hidden_size, getattr(cfg, "token_decoder", stack).hidden_size) * 4 * size
+    return cache + logits + activations
+
+
+def auto_batch(model_bytes_free: int, row_bytes: int, limit: int) -> int:
+    """Largest batch (a multiple of 64 when >= 64) that fits 90% of the free memory."""
+    n = int(0.9 * model_bytes_free // row_bytes)
+    if n >= 64:
+        n = 64 * (n // 64)
+    return max(1, min(n, limit))
+
+
+def format_table(results: list[BenchResult]) -> str:
+    head = ["model", "engine", "dtype", "batch", "prompt", "gen", "TTFT s", "TPOT ms", "out tok/s", "total tok/s",
+            "peak GiB", "host ovh", "step GPU ms (floor %)"]
+    rows = []
+    for r in results:
+        steps = ", ".join(f"{k} {v.gpu_ms_median:.2f}" + (f" ({100 * v.floor_fraction:.0f}%)" if v.floor_fraction else "")
+                          for k, v in r.steps.items())
+        rows.append([r.name, r.engine, r.dtype, str(r.batch), str(r.prompt_len), str(r.gen_len), f"{r.ttft_s:.3f}",
+                     f"{r.tpot_ms:.2f}", f"{r.output_tok_s:,.0f}", f"{r.total_tok_s:,.0f}",
+                     "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.1f}",
+                     "-" if r.host_overhead is None else f"{100 * r.host_overhead:.1f}%", steps or "-"])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def to_json(results: list[BenchResult], hw: Hardware, ratios: list[dict]) -> dict:
+    return {"environment": environment(), "hardware": asdict(hw), "results": [asdict(r) for r in results],
+            "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------- orchestration
+@dataclass
+class Target:
+    """What to benchmark: an artifact directory, a preset (random weights, PyTorch engine) or "hf"."""
+
+    spec: str
+    backend: str = "torch"
+
+    @property
+    def is_hf(self) -> bool:
+        return self.spec == "hf"
+
+
+def _weights(preset: str, dtype: str, device: torch.device, seed: int = 0):
+    from blockrt.exporter import build_model, get_preset, init_random
+
+    with torch.device(device):
+        model = build_model(get_preset(preset))
+    init_random(model, seed=seed)
+    model = model.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]).eval()
+    model.preset_name = preset
+    return model
+
+
+def _open(target: Target, weights, dtype: str, device: torch.device, max_batch: int, max_context: int):
+    from pathlib import Path
+
+    from .model import Model
+
+    if weights is not None:
+        return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device))
+    if not Path(target.spec).is_dir():
+        raise FileNotFoundError(f"{target.spec} is neither a preset nor an artifact directory")
+    return Model.load(target.spec, backend=target.backend, device=str(device), max_batch=max_batch)
+
+
+def _batches(spec: str, model_free: int, row_bytes: int) -> list[int]:
+    if spec == "auto":
+        return [auto_batch(model_free, row_bytes, 4096)]
+    try:
+        values = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch must be 'auto' or comma-separated integers, got {spec!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"--batch values must be >= 1, got {spec!r}")
+    return values
+
+
+def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
+              device: str | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
+    """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
+    in this process; the first target is compared with each of the others."""
+    from blockrt.exporter import PRESETS
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hw = measure_hardware(dev)
+    log.info("hardware: %s, copy %.0f GB/s, bf16 matmul %.0f TFLOP/s", hw.device, hw.copy_bandwidth_gbs, hw.matmul_tflops)
+    max_context = max(p + g for _, p, g in workloads)
+    results: list[BenchResult] = []
+    by_target: list[dict[str, BenchResult]] = []
+    hf_weights_preset = next((t.spec for t in targets if t.spec in PRESETS and PRESETS[t.spec].kind == "vanilla"), None)
+    for target, batch_spec in zip(targets, batch_specs):
+        best: dict[str, BenchResult] = {}
+        preset = hf_weights_preset if target.is_hf else (target.spec if target.spec in PRESETS else None)
+        if target.is_hf and preset is None:
+            raise ValueError("--against hf needs a vanilla preset among the models to take its weights from "
+                             "(e.g. --against vanilla_410 --against hf)")
+        weights = _weights(preset, dtype, dev) if preset else None
+        for name, prompt_len, gen_len in workloads:
+            free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 8 << 30
+            if target.is_hf:
+                row = _hf_row_bytes(weights, prompt_len + gen_len, dtype)
+            else:
+                probe = _open(target, weights, dtype, dev, 1, max_context)
+                row = per_row_bytes(probe, prompt_len, gen_len)
+                del probe
+            for batch in _batches(batch_spec, free, row):
+                log.info("%s on %s: batch %d, prompt %d, generate %d", target.spec, name, batch, prompt_len, gen_len)
+                try:
+                    if target.is_hf:
+                        r = bench_hf(weights, batch, prompt_len, gen_len, dtype, str(dev))
+                    else:
+                        model = _open(target, weights, dtype, dev, batch, max_context)
+                        label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
+                        r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{target.backend}")
+                        del model
+                except torch.OutOfMemoryError:
+                    log.warning("%s: batch %d does not fit in GPU memory, skipped", target.spec, batch)
+                    continue
+                finally:
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                r.workload = name
+                results.append(r)
+                log.info("  %.0f output tok/s, TTFT %.3f s", r.output_tok_s, r.ttft_s)
+                if name not in best or r.output_tok_s > best[name].output_tok_s:
+                    best[name] = r
+        by_target.append(best)
+        del weights
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    ratios = []
+    for other, target in zip(by_target[1:], targets[1:]):
+        for name, mine in by_target[0].items():
+            if name in other:
+                ratios.append({"workload": name, "model": targets[0].spec, "against": target.spec,
+                               "model_batch": mine.batch, "against_batch": other[name].batch,
+                               "output_tok_s_ratio": mine.output_tok_s / other[name].output_tok_s,
+                               "ttft_ratio": other[name].ttft_s / mine.ttft_s})
+    return results, hw, ratios
+
+
+def _hf_row_bytes(weights, context: int, dtype: str) -> int:
+    cfg = weights.config.decoder
+    return 2 * cfg.num_layers * cfg.hidden_size * context * BYTES[dtype] * 2 + 4 * cfg.vocab_size * 4
+
+
+def format_ratios(ratios: list[dict]) -> str:
+    return "\n".join(f"{r['workload']}: {r['model']} (batch {r['model_batch']}) vs {r['against']} (batch "
+                     f"{r['against_batch']}): {r['output_tok_s_ratio']:.1f}x output tokens/s, "
+                     f"TTFT {r['ttft_ratio']:.2f}x" for r in ratios)
