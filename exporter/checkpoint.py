@@ -32,6 +32,8 @@ from .presets import get_preset
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -178,10 +180,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _torch_dtype(name: str, tensor: str, file: Path) -> torch.dtype:
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
     try:
-        return dtypes[name]
+        return _SAFETENSORS_DTYPES[name]
     except KeyError:
         raise CheckpointError(f"tensor '{tensor}' in {file} has unsupported dtype {name}") from None
 
