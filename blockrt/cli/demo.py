@@ -70,7 +70,7 @@ def _tensorrt_module() -> str | None:
     return None
 
 
-def _show(demo: Demo, label: str, tokens: list[list[int]]) -> None:
+def _show(label: str, tokens: list[list[int]]) -> None:
     for prompt, out in zip(PROMPTS, tokens):
         click.echo(f"{label}: {' '.join(map(str, prompt))} -> {' '.join(map(str, out))}")
 
@@ -88,7 +88,7 @@ def reference_generate(demo: Demo) -> None:
     from blockrt.exporter.generate import generate
 
     demo.reference = generate(demo.model, PROMPTS, demo.config).tokens
-    _show(demo, "reference", demo.reference)
+    _show("reference", demo.reference)
 
 
 def export_onnx(demo: Demo) -> None:
@@ -120,7 +120,7 @@ def runtime_generate(demo: Demo) -> None:
 
     results = Model.load(demo.out_dir, backend="onnxruntime").generate(PROMPTS, demo.config)
     tokens = [list(r.token_ids) for r in results]
-    _show(demo, "onnxruntime", tokens)
+    _show("onnxruntime", tokens)
     if tokens != demo.reference:
         raise click.ClickException("tokens generated through ONNX Runtime differ from the PyTorch reference")
     log.info("ONNX Runtime tokens match the PyTorch reference")
