@@ -2,8 +2,9 @@
 
 Each graph is parsed with TensorRT's ONNX parser into a strongly typed network (the graph's own
 dtypes decide precision), gets one optimization profile whose ranges come from the manifest's
-limits (`engine_profiles`), and is built with a timing cache kept in the artifact directory. The
-engines are written beside the graphs and recorded in manifest.json with the library, its version
+limits (`engine_profiles`), and is built; full TensorRT keeps a timing cache in the artifact
+directory so rebuilds skip kernel timing (TensorRT-RTX times nothing at build time). The engines
+are written beside the graphs and recorded in manifest.json with the library, its version
 and the target GPU ("portable" for TensorRT-RTX), which `check_engine_compatible` compares when an
 engine is loaded. Engines replace earlier ones only once every graph has built.
 """
@@ -40,7 +41,7 @@ def build_engines(artifact_dir: str | os.PathLike, backend: str = "auto", opt_ba
     `backend`: "tensorrt", "tensorrt-rtx" or "auto". `opt_batch` / `opt_context` (tokens of
     context) are the shapes TensorRT tunes kernels for (default: max batch, half the max context);
     every shape within the export limits still runs. `timing_cache`: a file reused across builds
-    (default: timing.cache in the artifact directory)."""
+    of full TensorRT (default: timing.cache in the artifact directory)."""
     directory = Path(artifact_dir)
     manifest = Manifest.load(directory)
     lib = load_trt(backend)
@@ -50,7 +51,11 @@ def build_engines(artifact_dir: str | os.PathLike, backend: str = "auto", opt_ba
     trt = lib.module
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    cache = _load_timing_cache(builder, cache_path)
+    cache = None  # TensorRT-RTX compiles ahead of time without timing kernels: nothing to cache
+    if not lib.portable:
+        cache = _load_timing_cache(builder, cache_path)
+    elif timing_cache is not None:
+        log.warning("ignoring --timing-cache %s: %s does not time kernels at build time", timing_cache, lib.name)
     log.info("building %d engine(s) with %s %s for %s", len(manifest.graphs), lib.name, lib.version,
              device if device == PORTABLE else f"{device} (compute capability {capability})")
     engines = {}
@@ -72,7 +77,8 @@ def build_engines(artifact_dir: str | os.PathLike, backend: str = "auto", opt_ba
         entry.file.sha256 = sha256_file(directory / entry.file.path)
         manifest.engines[name] = entry
     manifest.save(directory)
-    cache_path.write_bytes(memoryview(cache.serialize()))
+    if cache is not None:
+        cache_path.write_bytes(memoryview(cache.serialize()))
     return manifest
 
 
@@ -158,7 +164,8 @@ def _build(lib: TrtLib, builder, logger, onnx_path: Path, profile: dict, cache) 
         raise BuildError(f"{lib.name} {lib.version} cannot parse {onnx_path}: {details or 'no details'}")
     _allow_attention_decomposition(trt, network)
     config = builder.create_builder_config()
-    config.set_timing_cache(cache, False)
+    if cache is not None:
+        config.set_timing_cache(cache, False)
     monitor = _progress(trt, onnx_path.stem) if hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:  # `monitor` stays referenced until the build returns
         config.progress_monitor = monitor
