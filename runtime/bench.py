@@ -161,6 +161,18 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
                        host_overhead=max(0.0, 1 - busy_ms / 1e3 / wall) if timings else None, steps=steps)
 
 
+def profile_kernels(model, batch: int, prompt_len: int, gen_len: int, rows: int = 30) -> str:
+    """The heaviest GPU kernels of a short generation, from torch.profiler (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
+    config = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
+    model.generate(prompts, config)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(prompts, config)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
 def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int, gen_len: int, hw: Hardware) -> None:
     """Hardware floor of the median decode-phase call of each step (mid-generation context)."""
     if math.isnan(hw.copy_bandwidth_gbs):
@@ -340,7 +352,7 @@ def _batches(spec: str, model_free: int, row_bytes: int) -> list[int]:
 
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
-              device: str | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
+              device: str | None = None, profile: bool = False) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
     in this process; the first target is compared with each of the others."""
     from blockrt.exporter import PRESETS
@@ -375,6 +387,9 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                     else:
                         model = _open(target, weights, dtype, dev, batch, max_context)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
+                        if profile:
+                            log.info("kernel profile of %s, batch %d:\n%s", label, batch,
+                                     profile_kernels(model, batch, prompt_len, min(gen_len, 16)))
                         r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{target.backend}")
                         del model
                 except torch.OutOfMemoryError:

@@ -33,9 +33,10 @@ log = logging.getLogger("blockrt.bench")
 @click.option("--against-batch", multiple=True, metavar="SPEC",
               help="Batch spec for each --against, in order (default: same as --batch).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
+@click.option("--profile", is_flag=True, help="Also log the heaviest GPU kernels of a short run (torch.profiler).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
-def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, device, as_json, out):
+def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, device, profile, as_json, out):
     """Benchmark MODEL (a preset name or an artifact directory) and compare it with baselines.
 
     EOS is ignored so every sequence generates exactly the requested tokens. Reports time to first
@@ -59,7 +60,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
         raise click.BadParameter("more --against-batch values than --against models", param_hint="--against-batch")
     targets = [Target(model, backend)] + [Target(a, backend) for a in against]
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
-    results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device)
+    results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile)
     data = to_json(results, hw, ratios)
     if out:
         out.write_text(json.dumps(data, indent=2) + "\n")
