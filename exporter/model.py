@@ -37,7 +37,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
+def matmul_attention(q, k, v, mask, scale: float):
+    """Attention as two batched matmuls: for one or two query rows this reads K and V exactly once
+    (what a decode step must move), where fused kernels tile for long queries. mask: bool [B, 1, T, S]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, H, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 class Attention(nn.Module):
+    decode_math = False  # set by the PyTorch engine: matmul attention for steps of <= 2 query rows
+
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -52,8 +62,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=1.0 / math.sqrt(self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.decode_math and mask is not None and T <= 2:
+            y = matmul_attention(q, k, v, mask, scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
