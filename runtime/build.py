@@ -160,7 +160,8 @@ def _build(lib: TrtLib, builder, logger, onnx_path: Path, profile: dict, cache) 
     logger.errors.clear()
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        details = "; ".join(f"node '{e.node_name()}' ({e.node_operator()}): {e.desc()}" for e in errors)
+        details = "; ".join(f"node '{e.node_name()}' ({e.node_operator()}): {e.desc()}" if e.node_name() else e.desc()
+                            for e in errors)
         raise BuildError(f"{lib.name} {lib.version} cannot parse {onnx_path}: {details or 'no details'}")
     _allow_attention_decomposition(trt, network)
     config = builder.create_builder_config()
