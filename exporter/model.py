@@ -38,15 +38,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def matmul_attention(q, k, v, mask, scale: float):
-    """Attention as two batched matmuls: for one or two query rows this reads K and V exactly once
-    (what a decode step must move), where fused kernels tile for long queries. mask: bool [B, 1, T, S]."""
+    """Attention as two batched matmuls. For a handful of keys (the token decoder's L + 1) this is
+    far faster than fused kernels, which tile for long sequences. mask: bool [B, 1, T, S]."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, H, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
 class Attention(nn.Module):
-    decode_math = False  # set by the PyTorch engine: matmul attention for steps of <= 2 query rows
+    decode_math = False  # set by the PyTorch engine: matmul attention for short caches (token decoder)
 
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, S, D]
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.decode_math and mask is not None and T <= 2:
+        if self.decode_math and mask is not None and k.shape[-2] <= 16:
             y = matmul_attention(q, k, v, mask, scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)

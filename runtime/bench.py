@@ -313,7 +313,7 @@ class Target:
 
     @property
     def is_hf(self) -> bool:
-        return self.spec == "hf"
+        return self.spec == "hf" or self.spec.startswith("hf:")
 
 
 def _weights(preset: str, dtype: str, device: torch.device, seed: int = 0):
@@ -366,7 +366,12 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
     hf_weights_preset = next((t.spec for t in targets if t.spec in PRESETS and PRESETS[t.spec].kind == "vanilla"), None)
     for target, batch_spec in zip(targets, batch_specs):
         best: dict[str, BenchResult] = {}
-        preset = hf_weights_preset if target.is_hf else (target.spec if target.spec in PRESETS else None)
+        if target.spec.startswith("hf:"):
+            preset = target.spec[3:]
+            if preset not in PRESETS or PRESETS[preset].kind != "vanilla":
+                raise ValueError(f"{target.spec}: expected hf:<vanilla preset>, e.g. hf:vanilla_410")
+        else:
+            preset = hf_weights_preset if target.is_hf else (target.spec if target.spec in PRESETS else None)
         if target.is_hf and preset is None:
             raise ValueError("--against hf needs a vanilla preset among the models to take its weights from "
                              "(e.g. --against vanilla_410 --against hf)")

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from blockrt.exporter.model import Attention
 from blockrt.exporter.steps import step_modules
@@ -22,9 +21,6 @@ from blockrt.graphs.manifest import Manifest
 from .engine import Engine
 
 log = logging.getLogger(__name__)
-
-# cuDNN attention measured 5-10x slower than these for our decode shapes (H200, torch 2.11)
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 WEIGHTS_NAME = "weights.safetensors"
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,10 +38,6 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def __call__(self, inputs, caches, attend_len=None):
-        with sdpa_kernel(_SDPA_BACKENDS):
-            return self._call(inputs, caches, attend_len)
-
-    def _call(self, inputs, caches, attend_len):
         cache_len = caches[0].shape[2]
         num_new = inputs[0].shape[1] // (self.manifest.block_len if self.name == "block_decoder" else 1)
         if attend_len is not None and attend_len != num_new:  # not a prefill: round up to a bucket

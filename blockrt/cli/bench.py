@@ -28,8 +28,8 @@ log = logging.getLogger("blockrt.bench")
               help="'auto' (largest batch that fits GPU memory) or a comma-separated sweep, e.g. 64,256,1024.")
 @click.option("--against", multiple=True, metavar="MODEL|hf",
               help="Baseline run in the same process on the same workload: a preset or artifact directory "
-              "(e.g. vanilla_410), or 'hf' for Hugging Face transformers generate on the weights of the "
-              "vanilla model given before it. Repeatable.")
+              "(e.g. vanilla_410), 'hf:PRESET' for Hugging Face transformers generate on a vanilla preset's "
+              "random weights, or 'hf' for the weights of the vanilla model given with it. Repeatable.")
 @click.option("--against-batch", multiple=True, metavar="SPEC",
               help="Batch spec for each --against, in order (default: same as --batch).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
