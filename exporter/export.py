@@ -65,16 +65,20 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
     or "concat" (growing caches). An existing artifact at `out_dir` is replaced; any other
     non-empty directory only with `force=True`."""
     start = time.perf_counter()
-    model, src, owned = _model(config_or_model, seed)
-    cfg = model.config
+    cfg = _config(config_or_model)
     _check_options(cfg, dtype, cache_io, max_batch, max_context)
     out = Path(out_dir)
     _check_out_dir(out, force)
     tokenizer_path = _check_tokenizer(tokenizer)
-    torch_dtype = TORCH_DTYPES[dtype]
-    if next(model.parameters()).dtype != torch_dtype:  # never change the caller's model
-        model = (model if owned else copy.deepcopy(model)).to(torch_dtype)
-    model.eval()
+    if isinstance(config_or_model, nn.Module):
+        model, src = config_or_model, ""
+        if next(model.parameters()).dtype != TORCH_DTYPES[dtype]:  # never change the caller's weights
+            model = copy.deepcopy(model)
+    else:
+        model = init_random(build_model(cfg), seed)
+        src = f"preset {config_or_model}" if isinstance(config_or_model, str) else "config"
+        src += f" (random weights, seed {seed})"
+    model = model.to(TORCH_DTYPES[dtype]).eval()
     L = cfg.block_len
     limits = Limits(max_batch, max_context, math.ceil(max_context / L) if cfg.kind == "block" else max_context)
 
@@ -105,22 +109,18 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
     return manifest
 
 
-def _model(config_or_model, seed: int) -> tuple[nn.Module, str, bool]:
-    """The model to export, where it came from, and whether this export created it."""
+def _config(config_or_model) -> ModelConfig:
     if isinstance(config_or_model, str):
         try:
-            cfg = get_preset(config_or_model)
+            return get_preset(config_or_model)
         except ValueError as e:
             raise UserError(str(e)) from None
-        return init_random(build_model(cfg), seed), f"preset {config_or_model} (random weights, seed {seed})", True
-    if isinstance(config_or_model, nn.Module):
-        if not isinstance(config_or_model, (BlockTransformer, GPTNeoXLM)):
-            raise UserError(f"cannot export a {type(config_or_model).__name__}: expected a BlockTransformer or a "
-                            f"GPTNeoXLM from blockrt.exporter")
-        return config_or_model, "", False
-    if not isinstance(config_or_model, (BlockConfig, VanillaConfig)):
-        raise UserError(f"cannot export {config_or_model!r}: expected a model, a ModelConfig or a preset name")
-    return init_random(build_model(config_or_model), seed), f"random weights (seed {seed})", True
+    if isinstance(config_or_model, (BlockTransformer, GPTNeoXLM)):
+        return config_or_model.config
+    if isinstance(config_or_model, (BlockConfig, VanillaConfig)):
+        return config_or_model
+    raise UserError(f"cannot export {type(config_or_model).__name__} {config_or_model!r:.80}: expected a "
+                    f"BlockTransformer or GPTNeoXLM, a BlockConfig or VanillaConfig, or a preset name")
 
 
 def _check_options(cfg: ModelConfig, dtype: str, cache_io: str, max_batch: int, max_context: int) -> None:

@@ -138,6 +138,11 @@ def test_unknown_preset_is_refused_with_the_known_names(tmp_path):
         export("tiny_blok", tmp_path / "art")
 
 
+def test_objects_that_are_neither_models_nor_configs_are_refused(tmp_path):
+    with pytest.raises(UserError, match="cannot export Linear"):
+        export(torch.nn.Linear(2, 2), tmp_path / "art")
+
+
 def test_failed_export_leaves_no_artifact_and_no_temporary_files(tmp_path, monkeypatch):
     real = export_module._export_graph
 

@@ -55,7 +55,7 @@ def command(preset, checkpoint, seed, out_dir, dtype, max_batch, max_context, ca
     if checkpoint is not None:
         from blockrt.exporter.checkpoint import load_checkpoint
 
-        model, source = load_checkpoint(checkpoint, config=preset, dtype="fp32"), str(checkpoint)
+        model, source = load_checkpoint(checkpoint, config=preset, dtype=dtype), str(checkpoint)
     else:
         model, source = preset, None
     manifest = export(model, out_dir, dtype=dtype, max_batch=max_batch, max_context=max_context, cache_io=cache_io,
