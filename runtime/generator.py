@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from blockrt.errors import UserError
@@ -120,11 +121,14 @@ class Generator:
         """Queue a sequence; it joins at the next round. `seed` is the row's random stream (default:
         from config.seed). Bad input raises UserError and changes nothing."""
         vocab = self.config.vocab_size
-        if len(prompt) == 0:
+        ids = np.asarray(prompt)  # vectorised checks: prompts can be thousands of tokens
+        if ids.size == 0:
             raise UserError("empty prompt: every prompt needs at least one token id")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise UserError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise UserError(f"a prompt must be a flat list of integer token ids, got {str(prompt)[:60]}")
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][:5].tolist()
+            raise UserError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad}")
         try:
             config.validate(vocab)
         except ValueError as e:
@@ -137,7 +141,7 @@ class Generator:
         if len(config.stop_ids(self.config.eos_token_id)) > self.sampling.stop_ids.shape[1]:
             raise UserError(f"at most {self.sampling.stop_ids.shape[1] - 1} stop token ids are supported")
         seed = seed if seed is not None else _mix_seed(config.seed, 0)
-        request = Request(next(self._ids), list(prompt), config, seed,
+        request = Request(next(self._ids), ids.tolist(), config, seed,
                           submitted_at=time.perf_counter())
         self.queue.append(request)
         return request
