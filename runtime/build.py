@@ -185,8 +185,9 @@ def _build(lib: TrtLib, builder, logger, onnx_path: Path, profile: dict, cache) 
 
 
 def _allow_attention_decomposition(trt, network) -> None:
-    """Let TensorRT fall back to plain ops for attention shapes or dtypes that have no fused kernel
-    (fp32, small heads): without this the build fails instead. Fused kernels are still preferred."""
+    """Let TensorRT decompose attention into several kernels where no fused kernel exists (fp32
+    graphs: TensorRT-RTX 1.7 fails their build otherwise); fused kernels are still used where they
+    exist (fp16 graphs build without this)."""
     kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
     if kind is None:
         return
