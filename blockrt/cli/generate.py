@@ -1,7 +1,7 @@
 """`blockrt generate`: generate with the PyTorch reference model, from a preset or a checkpoint.
 
 This is the semantics every export and engine is checked against; it needs no export. Also holds
-the small parsers of token-id flags that other verbs reuse (`parse_ids`, `load_tokenizer`).
+`load_tokenizer`, which other verbs reuse.
 """
 
 from __future__ import annotations
@@ -16,23 +16,9 @@ import click
 from blockrt.errors import UserError
 from blockrt.graphs.contract import DTYPES
 
+from .options import parse_ids, sampling_options, generation_config
+
 log = logging.getLogger("blockrt.generate")
-
-
-def parse_ids(text: str, flag: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]; anything else is a UserError naming the flag and the bad item."""
-    items = [s.strip() for s in text.split(",")]
-    ids = []
-    for item in items:
-        try:
-            value = int(item)
-        except ValueError:
-            raise UserError(f"{flag} {text!r}: {item!r} is not an integer token id "
-                            "(expected comma-separated ids like 1,2,3)") from None
-        if value < 0:
-            raise UserError(f"{flag} {text!r}: token id {value} is negative")
-        ids.append(value)
-    return ids
 
 
 def load_tokenizer(path: Path):
@@ -56,22 +42,14 @@ def load_tokenizer(path: Path):
               help="Prompt text, encoded with --tokenizer; repeat for a batch (after any --prompt-ids).")
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="tokenizer.json (Hugging Face tokenizers format) for --prompt and to decode the output.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Tokens to generate per prompt.")
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k most likely tokens (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass (1 = off).")
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float, help="1 = off.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seed of the random weights (with --preset alone) and of sampling.")
-@click.option("--stop-token-ids", default="", metavar="IDS", help="Comma-separated ids that also end a sequence.")
-@click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS token.")
+@sampling_options
 @click.option("--pad-token-id", type=int, default=None,
               help="Id that left-pads prompts to a block boundary (default: the model config's, 0).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with prompt and generated ids per prompt.")
-def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stop_token_ids, ignore_eos, pad_token_id, dtype, device, as_json) -> None:
+def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, pad_token_id, dtype, device, as_json,
+            **sampling) -> None:
     """Generate tokens with the PyTorch reference model (no export needed).
 
     \b
@@ -81,7 +59,6 @@ def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, max_new_tok
     """
     from blockrt.exporter.checkpoint import load_model
     from blockrt.exporter.generate import generate
-    from blockrt.generation import GenerationConfig
 
     if preset is None and checkpoint is None:
         raise UserError("no model: pass --preset NAME (random weights) or --checkpoint PATH")
@@ -91,10 +68,8 @@ def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, max_new_tok
         raise UserError("--prompt needs --tokenizer tokenizer.json to turn the text into token ids")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     prompts = [parse_ids(p, "--prompt-ids") for p in prompt_ids] + [tok.encode(t).ids for t in prompt_texts]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed,
-                              stop_token_ids=parse_ids(stop_token_ids, "--stop-token-ids") if stop_token_ids else [],
-                              ignore_eos=ignore_eos)
+    config = generation_config(**sampling)
+    seed = config.seed
 
     model = load_model(checkpoint, preset, dtype=dtype, device=device, seed=seed, pad_token_id=pad_token_id)
     source = f"checkpoint {checkpoint}" if checkpoint is not None else f"preset {preset} (random weights, seed {seed})"

@@ -1,0 +1,82 @@
+"""Flags shared by the verbs that generate (`generate`, `run`): sampling and prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from blockrt.errors import UserError
+from blockrt.generation import GenerationConfig
+
+
+def parse_ids(text: str, flag: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]; anything else is a UserError naming the flag and the bad item."""
+    ids = []
+    for item in (s.strip() for s in text.split(",")):
+        try:
+            value = int(item)
+        except ValueError:
+            raise UserError(f"{flag} {text!r}: {item!r} is not an integer token id "
+                            "(expected comma-separated ids like 1,2,3)") from None
+        if value < 0:
+            raise UserError(f"{flag} {text!r}: token id {value} is negative")
+        ids.append(value)
+    return ids
+
+
+def sampling_options(f):
+    """Add the GenerationConfig flags to a command; it receives them as keyword arguments."""
+    options = [
+        click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Tokens to generate per prompt."),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k most likely tokens (0 = off)."),
+        click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass (1 = off)."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, type=float, help="1 = off."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of sampling (and of random weights)."),
+        click.option("--stop-token-ids", default="", metavar="IDS", help="Comma-separated ids that also end a sequence."),
+        click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS token."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_token_ids,
+                      ignore_eos) -> GenerationConfig:
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed,
+                              stop_token_ids=parse_ids(stop_token_ids, "--stop-token-ids") if stop_token_ids else [],
+                              ignore_eos=ignore_eos)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return config
+
+
+def read_prompts_file(path: Path) -> list:
+    """JSONL prompts: each line a JSON list of ids, a string, or {"prompt": text} / {"prompt_ids": [...]}."""
+    prompts = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--prompts-file {path}, line {n}: not JSON ({e.msg})") from None
+        if isinstance(item, dict):
+            item = item.get("prompt_ids", item.get("prompt"))
+        if isinstance(item, str) or (isinstance(item, list) and all(isinstance(t, int) for t in item)):
+            prompts.append(item)
+        else:
+            raise UserError(f"--prompts-file {path}, line {n}: expected a list of token ids, a string, or an "
+                            f"object with 'prompt' or 'prompt_ids'")
+    if not prompts:
+        raise UserError(f"--prompts-file {path} holds no prompts")
+    return prompts
