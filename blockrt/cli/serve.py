@@ -1,0 +1,60 @@
+"""`blockrt serve`: serve an artifact over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from blockrt.errors import require
+
+log = logging.getLogger("blockrt.serve")
+
+
+@click.command("serve")
+@click.argument("artifact", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+              show_default=True, help="auto: tensorrt if engines were built and a GPU is present, torch on a GPU, "
+              "else onnxruntime.")
+@click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface, e.g. behind a load balancer).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", type=click.IntRange(1), default=None,
+              help="Sequences generated at once (default and limit: the artifact's max batch).")
+@click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
+              help="Requests allowed to wait for a batch row; beyond it the server answers 429 with Retry-After.")
+@click.option("--model-name", default=None, help="The model id clients send and /v1/models lists "
+              "(default: the artifact directory's name).")
+def command(artifact, backend, device, host, port, max_batch, max_queue, model_name) -> None:
+    """Serve the artifact in DIR over HTTP, OpenAI style, with continuous batching.
+
+    \b
+    Endpoints:
+      POST /v1/completions   prompt (text or token ids), max_tokens, temperature, top_p, top_k,
+                             seed, stop, stop_token_ids, ignore_eos, stream (server-sent events)
+      GET  /v1/models        the served model
+      GET  /health           200 while the engine thread runs
+      GET  /metrics          Prometheus: queue depth, batch, tokens, TTFT and latency histograms
+
+    \b
+    Examples:
+      blockrt serve artifacts/tiny --backend torch --port 8000
+      curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+           -d '{"prompt": [1, 2, 3], "max_tokens": 16, "temperature": 0}'
+    """
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve", "blockrt serve")
+    from blockrt.runtime import Model
+    from blockrt.runtime.serve import serve
+
+    from .run import pick_backend
+
+    if backend == "auto":
+        backend = pick_backend(artifact)
+    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
+    limits = model.manifest.limits
+    log.info("serving %s (%s, %s on %s): batch %d, context %d, queue %d, on http://%s:%d", artifact,
+             model.manifest.kind, backend, model.device, model.max_batch, limits.max_context, max_queue, host, port)
+    serve(model, host=host, port=port, max_queue=max_queue, model_name=model_name or artifact.resolve().name)

@@ -1,0 +1,400 @@
+"""`blockrt serve`: the real HTTP server on 127.0.0.1 (tiny_block, torch backend, CPU) against offline
+generation: same tokens, continuous batching, streaming, errors, back-pressure and cancellation."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (pip install -e '.[dev]')")
+httpx = pytest.importorskip("httpx", reason="the serving tests talk HTTP with httpx (pip install -e '.[dev]')")
+
+from blockrt.exporter import build_model, get_preset, init_random  # noqa: E402
+from blockrt.generation import GenerationConfig  # noqa: E402
+from blockrt.runtime import Model  # noqa: E402
+from blockrt.runtime.serve import Server, create_app  # noqa: E402
+
+MAX_CONTEXT = 512
+
+
+def tiny_model(max_batch: int = 8, max_context: int = MAX_CONTEXT, tokenizer=None) -> Model:
+    """tiny_block with random weights (seed 0) on the PyTorch engine, CPU; every call builds an
+    independent model with the same weights."""
+    torch_model = init_random(build_model(get_preset("tiny_block")), seed=0).eval()
+    return Model.from_torch(torch_model, dtype="fp32", max_batch=max_batch, max_context=max_context, device="cpu",
+                            tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference() -> Model:
+    """Offline generation with the served weights, on a model of its own."""
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Server(create_app(tiny_model(), max_queue=64, model_name="tiny")) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def complete(client, **body) -> dict:
+    r = client.post("/v1/completions", json={"temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(client, **body) -> list[dict]:
+    """The SSE events of a streaming completion, as parsed JSON, up to and checking `[DONE]`."""
+    events = []
+    with client.stream("POST", "/v1/completions", json={"temperature": 0, **body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert line.startswith("data: ")
+        events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def expected(reference: Model, prompts: list[list[int]], max_tokens: list[int]) -> list[tuple[list[int], str]]:
+    """Greedy offline tokens and finish reason per prompt, each with its own max_tokens: one batched
+    generate up to the longest, cut to each limit (a greedy sequence's prefix does not depend on
+    how long it runs)."""
+    results = reference.generate(prompts, GenerationConfig(max_new_tokens=max(max_tokens)))
+    out = []
+    for r, n in zip(results, max_tokens):
+        tokens = r.token_ids[:n]
+        out.append((tokens, "stop" if r.finish_reason == "stop" and len(r.token_ids) <= n else "length"))
+    return out
+
+
+def metric(client, name: str, **labels) -> float:
+    text = client.get("/metrics").text
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = rf"^{re.escape(name)}{re.escape('{' + selector + '}') if labels else ''} (\S+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------------- tokens
+
+def test_greedy_completions_equal_offline_generate(client, reference):
+    prompts = [[1, 2, 3], [5] * 9, list(range(40, 80)), [7]]
+    limits = [16, 33, 5, 64]
+    for prompt, n, (tokens, reason) in zip(prompts, limits, expected(reference, prompts, limits)):
+        out = complete(client, prompt=prompt, max_tokens=n)
+        choice = out["choices"][0]
+        assert choice["token_ids"] == tokens
+        assert choice["finish_reason"] == reason
+        assert out["object"] == "text_completion" and out["model"] == "tiny" and out["id"].startswith("cmpl-")
+        assert out["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
+                                "total_tokens": len(prompt) + len(tokens)}
+
+
+def test_32_concurrent_clients_with_different_lengths_get_offline_tokens(server, reference):
+    prompts = [[(13 * i + j) % 500 + 1 for j in range(1 + (37 * i) % 61)] for i in range(32)]
+    limits = [1 + (53 * i) % 200 for i in range(32)]
+    want = expected(reference, prompts, limits)
+
+    def one(i):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            body = {"prompt": prompts[i], "max_tokens": limits[i]}
+            if i % 2:
+                events = stream(c, **body)
+                return [t for e in events for t in e["choices"][0]["token_ids"]], events[-1]["choices"][0]["finish_reason"]
+            choice = complete(c, **body)["choices"][0]
+            return choice["token_ids"], choice["finish_reason"]
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(32)))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"request {i}: prompt of {len(prompts[i])}, max_tokens {limits[i]}"
+
+
+def test_seeded_sampling_equals_offline_generate_with_the_same_seed(client, reference):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    config = dict(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    offline = reference.generate([prompt], GenerationConfig(max_new_tokens=24, **config))[0]
+    out = complete(client, prompt=prompt, max_tokens=24, **config)
+    assert out["choices"][0]["token_ids"] == offline.token_ids
+    assert complete(client, prompt=prompt, max_tokens=24, **config)["choices"][0]["token_ids"] == offline.token_ids
+
+
+def test_streaming_returns_the_same_tokens_as_non_streaming(client):
+    body = dict(prompt=[11, 12, 13, 14, 15], max_tokens=41, ignore_eos=True)
+    plain = complete(client, **body)["choices"][0]
+    events = stream(client, **body, stream_options={"include_usage": True})
+    chunks = [e for e in events if e["choices"]]
+    assert [t for e in chunks for t in e["choices"][0]["token_ids"]] == plain["token_ids"]
+    assert all(e["choices"][0]["finish_reason"] is None for e in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) > 1  # tokens arrive block by block
+    assert {e["id"] for e in events} == {events[0]["id"]} and events[0]["object"] == "text_completion"
+    assert events[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 41, "total_tokens": 46}
+
+
+def test_a_short_request_sent_while_a_long_one_runs_finishes_first(server, client):
+    """Continuous batching: the short request joins the running batch at a block boundary."""
+    finished = {}
+    started = threading.Event()
+
+    def long_request():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={"prompt": [1, 2, 3, 4], "max_tokens": 480,
+                                                             "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+                tokens = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        tokens += len(json.loads(line[6:])["choices"][0]["token_ids"])
+                        started.set()
+        finished["long"] = (time.monotonic(), tokens)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert started.wait(30)
+    out = complete(client, prompt=[9, 8, 7], max_tokens=4, ignore_eos=True)
+    finished["short"] = time.monotonic()
+    assert "long" not in finished, "the short request waited for the long one to finish"
+    thread.join(60)
+    assert out["choices"][0]["finish_reason"] == "length" and len(out["choices"][0]["token_ids"]) == 4
+    assert finished["long"][1] == 480 and finished["long"][0] > finished["short"]
+
+
+# ------------------------------------------------------------------------------------- errors
+
+BAD_REQUESTS = {
+    "bad JSON": ('{"prompt": [1, 2', "not valid JSON", None),
+    "unknown field": ({"prompt": [1], "max_token": 5}, "unknown field 'max_token'", "max_token"),
+    "prompt too long": ({"prompt": [1] * 500, "max_tokens": 100}, "prompt too long", "prompt"),
+    "negative temperature": ({"prompt": [1], "temperature": -1}, "temperature", "temperature"),
+    "n=2": ({"prompt": [1], "n": 2}, "only n=1", "n"),
+    "top_p 0": ({"prompt": [1], "top_p": 0}, "top_p", "top_p"),
+    "max_tokens 0": ({"prompt": [1], "max_tokens": 0}, "max_tokens", "max_tokens"),
+    "id outside vocab": ({"prompt": [1, 512]}, "outside the vocabulary", "prompt"),
+    "empty prompt": ({"prompt": []}, "empty", "prompt"),
+    "batch of prompts": ({"prompt": [[1, 2], [3]]}, "one prompt per request", "prompt"),
+    "text without tokenizer": ({"prompt": "hello"}, "no tokenizer", "prompt"),
+    "logprobs": ({"prompt": [1], "logprobs": 2}, "logprobs are not supported", "logprobs"),
+    "echo": ({"prompt": [1], "echo": True}, "echo is not supported", "echo"),
+    "missing prompt": ({"max_tokens": 3}, "'prompt' is required", "prompt"),
+    "stop id outside vocab": ({"prompt": [1], "stop_token_ids": [600]}, "outside the vocabulary", "stop_token_ids"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(client, name):
+    body, message, param = BAD_REQUESTS[name]
+    if isinstance(body, str):
+        r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    assert set(error) == {"message", "type", "param", "code"}
+    assert complete(client, prompt=[1, 2], max_tokens=2)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_unknown_model_is_404_and_the_served_one_is_listed(client):
+    r = client.post("/v1/completions", json={"model": "gpt-4", "prompt": [1]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert complete(client, model="tiny", prompt=[1], max_tokens=1)["model"] == "tiny"
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == MAX_CONTEXT
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_metrics_count_tokens_requests_and_latency(client):
+    before = metric(client, "blockrt_generated_tokens_total")
+    requests = metric(client, "blockrt_requests_total", finish_reason="length", status="200")
+    complete(client, prompt=[4, 4, 4], max_tokens=12, ignore_eos=True)
+    assert metric(client, "blockrt_generated_tokens_total") == before + 12
+    assert metric(client, "blockrt_requests_total", finish_reason="length", status="200") == requests + 1
+    assert metric(client, "blockrt_request_latency_seconds_count") >= 1
+    assert metric(client, "blockrt_time_to_first_token_seconds_count") >= 1
+    assert metric(client, "blockrt_queue_depth") == 0 and metric(client, "blockrt_running_requests") == 0
+
+
+# ------------------------------------------------------------------------------------- text
+
+@pytest.fixture(scope="module")
+def text_server():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(get_preset("tiny_block").vocab_size)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with Server(create_app(tiny_model(max_batch=4, tokenizer=tokenizer))) as s:
+        yield s
+
+
+def test_text_prompts_are_encoded_and_stop_strings_cut_the_text(text_server, reference):
+    with httpx.Client(base_url=text_server.url, timeout=60) as c:
+        full = complete(c, prompt="w1 w2 w3", max_tokens=30, ignore_eos=True)["choices"][0]
+        offline = reference.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=30, ignore_eos=True))[0]
+        assert full["token_ids"] == offline.token_ids
+        assert full["text"] == " ".join(f"w{t}" for t in offline.token_ids)
+        cut = next(k for k in range(3, 30) if full["token_ids"][k] not in full["token_ids"][:k])
+        stop = f" w{full['token_ids'][cut]}"
+        plain = complete(c, prompt="w1 w2 w3", max_tokens=30, ignore_eos=True, stop=["never", stop])["choices"][0]
+        assert plain["text"] == full["text"][:full["text"].index(stop)]
+        assert plain["token_ids"] == full["token_ids"][:cut + 1] and plain["finish_reason"] == "stop"
+        events = stream(c, prompt="w1 w2 w3", max_tokens=30, ignore_eos=True, stop=stop)
+        assert "".join(e["choices"][0]["text"] for e in events) == plain["text"]
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        wait_for(lambda: c.get("/health").json()["running"] == 0, what="the stopped request to leave the batch")
+
+
+# ------------------------------------------------------------------------------------- capacity
+
+def test_queue_limit_answers_429_and_every_accepted_request_completes_once():
+    with Server(create_app(tiny_model(max_batch=2), max_queue=3)) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as c:
+
+        def one(i):
+            with httpx.Client(base_url=s.url, timeout=60) as ci:
+                return ci.post("/v1/completions", json={"prompt": [i + 1, 2, 3], "max_tokens": 40, "temperature": 0,
+                                                        "ignore_eos": True})
+
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(one, range(24)))
+        ok = [r for r in responses if r.status_code == 200]
+        busy = [r for r in responses if r.status_code == 429]
+        assert len(ok) + len(busy) == 24 and busy and len(ok) >= 3  # at least the queue's worth
+        assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "rate_limit_error" for r in busy)
+        assert all(r.json()["usage"]["completion_tokens"] == 40 for r in ok)
+        assert len({r.json()["id"] for r in ok}) == len(ok)
+        assert metric(c, "blockrt_generated_tokens_total") == 40 * len(ok)  # no token lost or produced twice
+        assert metric(c, "blockrt_requests_total", finish_reason="length", status="200") == len(ok)
+        assert metric(c, "blockrt_requests_total", finish_reason="none", status="429") == len(busy)
+        assert metric(c, "blockrt_queue_depth") == 0 and metric(c, "blockrt_running_requests") == 0
+        assert complete(c, prompt=[1], max_tokens=3, ignore_eos=True)["usage"]["completion_tokens"] == 3
+
+
+@pytest.fixture(scope="module")
+def one_row_server():
+    """A single batch row and a long context: one long request holds the whole server."""
+    with Server(create_app(tiny_model(max_batch=1, max_context=4096))) as s:
+        yield s
+
+
+LONG = {"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+
+
+def test_a_client_that_disconnects_frees_its_row(one_row_server):
+    with httpx.Client(base_url=one_row_server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            assert next(line for line in r.iter_lines() if line).startswith("data: {")
+        # the stream is closed after its first chunk
+        wait_for(lambda: metric(c, "blockrt_requests_total", finish_reason="cancelled", status="499") == 1,
+                 what="the server to see the disconnect")
+        wait_for(lambda: metric(c, "blockrt_running_requests") == 0, what="the row to free")
+        start = time.monotonic()
+        assert complete(c, prompt=[5, 6], max_tokens=8, ignore_eos=True)["usage"]["completion_tokens"] == 8
+        assert time.monotonic() - start < 5
+
+        with pytest.raises(httpx.ReadTimeout):  # not streaming: the client gives up waiting
+            httpx.post(f"{one_row_server.url}/v1/completions", json=LONG, timeout=0.5)
+        wait_for(lambda: metric(c, "blockrt_requests_total", finish_reason="cancelled", status="499") == 2,
+                 what="the server to see the second disconnect")
+        wait_for(lambda: metric(c, "blockrt_running_requests") == 0, what="the row to free")
+        assert complete(c, prompt=[5, 6], max_tokens=8, ignore_eos=True)["usage"]["completion_tokens"] == 8
+        assert metric(c, "blockrt_generated_tokens_total") < 2 * 4000
+
+
+def test_a_generator_failure_fails_the_running_request_only(reference):
+    """The running request gets an error; the one waiting in the queue still completes, with the
+    right tokens, and the server keeps serving."""
+    model = tiny_model(max_batch=1, max_context=4096)
+    token_decoder = model.engines["token_decoder"]
+    fail = threading.Event()
+
+    def flaky(*args, **kwargs):
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError("injected device failure")
+        return token_decoder(*args, **kwargs)
+
+    model.engines["token_decoder"] = flaky
+    with Server(create_app(model)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        waiting = ThreadPoolExecutor(1)
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            queued = waiting.submit(complete, c, prompt=[7, 7, 7, 7, 7], max_tokens=9)
+            wait_for(lambda: metric(c, "blockrt_queue_depth") == 1, what="the second request to queue")
+            fail.set()
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert "injected device failure" in events[-1]["error"]["message"]
+        tokens, reason = expected(reference, [[7, 7, 7, 7, 7]], [9])[0]
+        assert queued.result(30)["choices"][0]["token_ids"] == tokens
+        assert complete(c, prompt=[7, 7, 7, 7, 7], max_tokens=9)["choices"][0]["token_ids"] == tokens
+        assert metric(c, "blockrt_requests_total", finish_reason="error", status="500") == 1
+        waiting.shutdown()
+
+
+def test_a_failed_non_streaming_request_gets_500():
+    model = tiny_model(max_batch=2)
+    model.engines["token_decoder"] = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken engine"))
+    with Server(create_app(model)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4})
+        assert r.status_code == 500 and "broken engine" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        assert c.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------- command line
+
+def test_blockrt_serve_serves_an_exported_artifact(exported):
+    artifact = exported("tiny_block")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", "from blockrt.cli import main; main()", "serve", str(artifact),
+                                "--backend", "torch", "--device", "cpu", "--port", str(port), "--max-batch", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                return False
+
+        wait_for(up, timeout=60, what="blockrt serve to start")
+        out = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}).json()
+        assert out["model"] == artifact.name and len(out["choices"][0]["token_ids"]) <= 5
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+
+
+def test_blockrt_serve_rejects_a_batch_above_the_artifact_limit(exported, blockrt_cli):
+    code, _, err = blockrt_cli("serve", str(exported("tiny_block")), "--backend", "torch", "--max-batch", "64")
+    assert code == 2 and "max_batch 64 is above the artifact's limit" in err
