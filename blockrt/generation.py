@@ -2,9 +2,11 @@
 
 Sampling runs on whatever device the logits are on, with one row per sequence and per-row
 parameters (so a server can batch requests with different settings). Randomness is counter based:
-the draw for a row depends only on its seed and on how many tokens that sequence has generated,
-never on its neighbours in the batch, so a seeded request gives the same text alone or batched,
-and no host round trip or generator state is needed (CUDA-graph friendly).
+the draw for a row depends only on its stream seed and on how many tokens that sequence has
+generated, never on its neighbours' tokens, and needs no generator state (CUDA-graph friendly).
+Prompt i of a call with seed s draws from stream seed `_mix_seed(s, i)`, so a seeded call is
+reproducible and prompts of one call do not repeat each other's draws; a server gives each request
+its own stream (`_mix_seed(seed, 0)`), so a seeded request gives the same text alone or batched.
 """
 
 from __future__ import annotations

@@ -6,5 +6,6 @@ from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import PRESETS, TINY_PRESETS, get_preset
 
 __all__ = ["BlockConfig", "ModelConfig", "NeoXConfig", "VanillaConfig", "BlockTransformer", "GPTNeoXLM",
-           "build_model", "init_random", "PRESETS", "TINY_PRESETS", "get_preset"]
-from .export import export
+           "build_model", "init_random", "PRESETS", "TINY_PRESETS", "get_preset", "export"]
+
+from .export import export  # noqa: E402  (the function; the module is blockrt.exporter.export in sys.modules)

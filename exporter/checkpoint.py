@@ -26,11 +26,10 @@ from safetensors.torch import save_file
 
 from blockrt.errors import UserError
 
-from .config import BlockConfig, ModelConfig, NeoXConfig, VanillaConfig
+from .config import TORCH_DTYPES, BlockConfig, ModelConfig, NeoXConfig, VanillaConfig
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import get_preset
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}

@@ -10,6 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Union
 
+import torch
+
+# artifact dtype names -> torch dtypes (the one table; everything else imports it)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def default_head_dim(hidden_size: int) -> int:
     """Head size rule of the official configs: 32 up to h=256, 64 up to h=1536, else 128."""

@@ -36,14 +36,13 @@ from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES, OPSET, TensorSpec, g
 from blockrt.graphs.manifest import (MANIFEST_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FileEntry, GraphEntry, Limits,
                                      Manifest, sha256_file)
 
-from .config import BlockConfig, ModelConfig, VanillaConfig, config_to_dict
+from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig, config_to_dict
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import get_preset
 from .steps import step_modules
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_BATCH = 65536
 MAX_CONTEXT = 1 << 20
 # Weights above this many bytes go to an external data file: a protobuf cannot exceed 2 GB.

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from blockrt.exporter.config import TORCH_DTYPES
 from blockrt.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -88,24 +89,20 @@ def measure_hardware(device: torch.device) -> Hardware:
         return Hardware(str(device), float("nan"), float("nan"))
     n = 1 << 30  # 1 GiB copies
     src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), 20)
+    copy_ms = _median_ms(torch.empty_like(src).copy_, 20, src)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    mm_ms = _median_ms(lambda: a @ b, 20)
-    del src, dst, a, b
-    torch.cuda.empty_cache()
+    mm_ms = _median_ms(torch.matmul, 20, a, torch.randn_like(a))
     return Hardware(torch.cuda.get_device_name(device), 2 * n / copy_ms / 1e6, 2 * 8192**3 / mm_ms / 1e9)
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int, *args) -> float:
     for _ in range(3):
-        fn()
+        fn(*args)
     times = []
     for _ in range(repeats):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        fn(*args)
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
@@ -216,7 +213,7 @@ def bench_hf(weights_model, batch: int, prompt_len: int, gen_len: int, dtype: st
         rotary_emb_base=cfg.rotary_base, layer_norm_eps=cfg.layer_norm_eps, use_parallel_residual=True,
         hidden_act="gelu", max_position_embeddings=prompt_len + gen_len, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     with torch.device(device):
         hf = transformers.GPTNeoXForCausalLM(hf_config).to(torch_dtype)
     state = dict(weights_model.state_dict())
@@ -255,8 +252,6 @@ def bench_hf(weights_model, batch: int, prompt_len: int, gen_len: int, dtype: st
                          1e3 * (wall - ttft_s) / max(gen_len - 1, 1), batch * gen_len / wall,
                          batch * (prompt_len + gen_len) / wall,
                          torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None)
-    del hf, out
-    gc.collect()
     return result
 
 
@@ -322,7 +317,7 @@ def _weights(preset: str, dtype: str, device: torch.device, seed: int = 0):
     with torch.device(device):
         model = build_model(get_preset(preset))
     init_random(model, seed=seed)
-    model = model.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]).eval()
+    model = model.to(TORCH_DTYPES[dtype]).eval()
     model.preset_name = preset
     return model
 

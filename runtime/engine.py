@@ -27,7 +27,7 @@ from blockrt.graphs.manifest import GraphEntry, Manifest
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+SPEC_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -40,7 +40,7 @@ class Engine(ABC):
         self.cache_inputs = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
         self.cache_outputs = [t.name for t in entry.outputs if t.name.startswith("present.")]
         first = entry.outputs[0]
-        self.output_name, self.output_dtype = first.name, TORCH_DTYPES[first.dtype]
+        self.output_name, self.output_dtype = first.name, SPEC_DTYPES[first.dtype]
         self.output_tail = tuple(first.shape[1:])  # static dims after batch
         self.concat = manifest.cache_io == "concat"
 

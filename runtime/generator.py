@@ -31,7 +31,9 @@ from blockrt.errors import UserError
 from blockrt.generation import GenerationConfig, SamplingState, _mix_seed, mark_seen, sample
 from blockrt.graphs.manifest import Manifest
 
-from .engine import TORCH_DTYPES, Engine
+from blockrt.exporter.config import TORCH_DTYPES
+
+from .engine import Engine
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Generator:
         self.round_tokens = self.L if self.block else vanilla_round
         self.cache_len = manifest.limits.cache_len
         self.max_context = manifest.limits.max_context
-        dtype = TORCH_DTYPES[{"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[manifest.dtype]]
+        dtype = TORCH_DTYPES[manifest.dtype]
         main = self.config.block_decoder if self.block else self.config.decoder
         self.caches = self._alloc(main, self.cache_len, dtype)
         C = capacity

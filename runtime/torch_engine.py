@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 
+from blockrt.exporter.config import TORCH_DTYPES
 from blockrt.exporter.model import Attention
 from blockrt.exporter.steps import step_modules
-from blockrt.graphs.manifest import Manifest
+from blockrt.graphs.manifest import WEIGHTS_NAME, Manifest
 
 from .engine import Engine
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "weights.safetensors"
-TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchEngine(Engine):
@@ -84,7 +83,7 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
             raise FileNotFoundError(f"{path} not found: the PyTorch backend needs the weights that "
                                     f"`blockrt export` saves beside the graphs; re-export the model")
         model = load_checkpoint(path, config=manifest.model_config, dtype=manifest.dtype)
-    model = model.to(device=device, dtype=TORCH_DTYPE[manifest.dtype]).eval()
+    model = model.to(device=device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
     for module in model.modules():
         if isinstance(module, Attention):
             module.decode_math = True

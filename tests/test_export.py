@@ -20,7 +20,7 @@ from blockrt.graphs.checks import check_artifact, check_graph
 from blockrt.graphs.contract import graph_io, graph_names
 from blockrt.graphs.manifest import ArtifactError, Manifest, sha256_file
 
-from conftest import TEST_MAX_BATCH, TEST_MAX_CONTEXT
+from conftest import TEST_MAX_CONTEXT
 
 export_module = sys.modules["blockrt.exporter.export"]  # `blockrt.exporter.export` is also the function
 

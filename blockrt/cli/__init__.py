@@ -36,9 +36,10 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: debug). Progress is logged at info by default.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
 @click.version_option(package_name="blockrt")
-def cli(verbose: int) -> None:
+def cli(verbose: int, quiet: bool) -> None:
     """blockrt: export Block Transformer language models to ONNX, compile them to TensorRT engines,
     and run them with TensorRT, ONNX Runtime or PyTorch.
 
@@ -50,7 +51,7 @@ def cli(verbose: int) -> None:
       blockrt run artifacts/tiny --prompt-ids 1,2,3               # generate
       blockrt bench artifacts/tiny --against hf                   # measure
     """
-    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
