@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from blockrt.cli import main
 from blockrt.cli.demo import Demo, Stage, run_stages
 from blockrt.exporter import PRESETS, build_model, get_preset, init_random
 from blockrt.exporter.checkpoint import save_checkpoint
@@ -19,21 +18,9 @@ from blockrt.exporter.generate import generate
 from blockrt.generation import GenerationConfig
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `blockrt ARGS` in this process through the real entry point; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["blockrt", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    return lambda *args: run_cli(monkeypatch, capsys, *args)
+def cli(blockrt_cli):
+    return blockrt_cli
 
 
 @pytest.fixture(scope="module")
