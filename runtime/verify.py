@@ -32,7 +32,7 @@ from blockrt.graphs.checks import check_artifact
 from blockrt.graphs.contract import ONNX_DTYPE_NAMES
 from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
-from .engine import TORCH_DTYPES, load_engines
+from .engine import SPEC_DTYPES, load_engines
 
 BACKENDS = ("onnxruntime", "tensorrt")
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
@@ -182,7 +182,7 @@ class _Pair:
     def __init__(self, backend: str, manifest: Manifest, engines: dict, reference, device: torch.device):
         self.backend, self.manifest, self.engines, self.device = backend, manifest, engines, device
         self.steps = step_modules(reference, manifest.cache_io)
-        self.dtype = TORCH_DTYPES[ONNX_DTYPE_NAMES[manifest.dtype]]
+        self.dtype = SPEC_DTYPES[ONNX_DTYPE_NAMES[manifest.dtype]]
         self.stats: dict[tuple[str, str], list[float]] = {}  # (stage, output) -> [max abs, sum d^2, sum r^2]
 
     @torch.no_grad()
@@ -203,7 +203,7 @@ class _Pair:
                 outputs[spec.name] = feeds[past_name]
             else:
                 shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
-                outputs[spec.name] = torch.empty(shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+                outputs[spec.name] = torch.empty(shape, dtype=SPEC_DTYPES[spec.dtype], device=self.device)
         self.engines[graph]._execute(feeds, outputs)
         got = [outputs[t.name] for t in entry.outputs]
         self._add(stage, entry.outputs[0].name, got[:1], reference[:1])
