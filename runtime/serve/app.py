@@ -34,7 +34,7 @@ from blockrt.errors import UserError
 from blockrt.generation import GenerationConfig
 
 from .metrics import Metrics
-from .scheduler import QueueFull, Scheduler, ShuttingDown, Update
+from .scheduler import InvalidRequest, QueueFull, Scheduler, ShuttingDown, Update
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +165,6 @@ class _State:
     def __init__(self, model, scheduler: Scheduler, metrics: Metrics, model_name: str):
         self.model, self.scheduler, self.metrics, self.model_name = model, scheduler, metrics, model_name
         self.tokenizer = model.tokenizer
-        self.vocab = model.config.vocab_size
-        self.eos = model.config.eos_token_id
-        self.max_context = model.manifest.limits.max_context
-        self.block_len = model.manifest.block_len if model.manifest.kind == "block" else 1
-        self.stop_id_slots = scheduler.generator.sampling.stop_ids.shape[1]
         self.created = int(time.time())
 
 
@@ -223,7 +218,7 @@ def create_app(model, max_queue: int = 256, model_name: str | None = None) -> Fa
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": state.created,
-                                            "owned_by": "blockrt", "max_model_len": state.max_context}]}
+                                            "owned_by": "blockrt", "max_model_len": scheduler.max_context}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -282,30 +277,16 @@ def _parse(body: CompletionRequest, state: _State) -> tuple[list[int], Generatio
             raise APIError(400, "this model has no tokenizer, so 'stop' strings cannot be matched; "
                            "use stop_token_ids", param="stop")
     prompt = state.tokenizer.encode(body.prompt).ids if isinstance(body.prompt, str) else list(body.prompt)
-    if not prompt:
-        raise APIError(400, "the prompt is empty: it needs at least one token", param="prompt")
-    bad = [t for t in prompt if not 0 <= t < state.vocab][:5]
-    if bad:
-        raise APIError(400, f"prompt has token ids outside the vocabulary [0, {state.vocab}): {bad}", param="prompt")
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    padded = len(prompt) + (-len(prompt) % state.block_len)
-    if padded + max_tokens > state.max_context:
-        raise APIError(400, f"prompt too long: {len(prompt)} prompt tokens (padded to {padded} for blocks of "
-                       f"{state.block_len}) + max_tokens {max_tokens} = {padded + max_tokens} exceeds this model's "
-                       f"context of {state.max_context} tokens; shorten the prompt or lower max_tokens",
-                       param="prompt", code="context_length_exceeded")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - 1)
-    config = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature,
+    config = GenerationConfig(max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
+                              temperature=1.0 if body.temperature is None else body.temperature,
                               top_k=max(body.top_k, 0), top_p=1.0 if body.top_p is None else body.top_p,
-                              repetition_penalty=body.repetition_penalty, seed=seed,
+                              repetition_penalty=body.repetition_penalty,
+                              seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 1),
                               stop_token_ids=list(body.stop_token_ids), ignore_eos=body.ignore_eos)
     try:
-        config.validate(state.vocab)
-    except ValueError as e:
-        raise APIError(400, str(e), param="stop_token_ids" if "stop token" in str(e) else None) from None
-    if len(config.stop_ids(state.eos)) > state.stop_id_slots:
-        raise APIError(400, f"at most {state.stop_id_slots - 1} stop_token_ids are supported", param="stop_token_ids")
+        state.scheduler.check(prompt, config)
+    except InvalidRequest as e:
+        raise APIError(400, e.message, param=e.param, code=e.code) from None
     return prompt, config, stops
 
 

@@ -37,6 +37,14 @@ class QueueFull(Exception):
         self.waiting, self.limit = waiting, limit
 
 
+class InvalidRequest(UserError):
+    """A request the server cannot run; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
 class ShuttingDown(Exception):
     """The scheduler is stopping and takes no new jobs."""
 
@@ -82,6 +90,11 @@ class Scheduler:
         self._stopping = False
         self._jobs: dict[int, Job] = {}  # generator request id -> job (engine thread only)
         self._thread: threading.Thread | None = None
+        manifest = model.manifest
+        self.vocab_size, self.eos_token_id = model.config.vocab_size, model.config.eos_token_id
+        self.max_context = manifest.limits.max_context
+        self.block_len = manifest.block_len if manifest.kind == "block" else 1
+        self.stop_id_slots = self.generator.sampling.stop_ids.shape[1]
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
@@ -98,10 +111,34 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
 
+    def check(self, prompt: list[int], config: GenerationConfig) -> None:
+        """Raise InvalidRequest, in the words of a completion request (prompt, max_tokens,
+        stop_token_ids), for what the generator would reject. Reads only fixed attributes: any
+        thread may call it."""
+        if not prompt:
+            raise InvalidRequest("the prompt is empty: it needs at least one token", "prompt")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size][:5]
+            raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad}", "prompt")
+        try:
+            config.validate(self.vocab_size)
+        except ValueError as e:
+            message = str(e).replace("max_new_tokens", "max_tokens")
+            raise InvalidRequest(message, "stop_token_ids" if "stop token" in message else None) from None
+        n = len(prompt)
+        padded = n + (-n % self.block_len)
+        if padded + config.max_new_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt too long: {n} prompt tokens (padded to {padded} for blocks of {self.block_len}) + max_tokens "
+                f"{config.max_new_tokens} = {padded + config.max_new_tokens} exceeds this model's context of "
+                f"{self.max_context} tokens; shorten the prompt or lower max_tokens", "prompt", "context_length_exceeded")
+        if len(config.stop_ids(self.eos_token_id)) > self.stop_id_slots:
+            raise InvalidRequest(f"at most {self.stop_id_slots - 1} stop_token_ids are supported", "stop_token_ids")
+
     def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None],
                seed: int | None = None) -> Job:
-        """Accept a job or raise QueueFull (nothing accepted). The caller has validated the input;
-        what the generator still rejects comes back as an error update."""
+        """Accept a job or raise QueueFull (nothing accepted). Call `check` first: what the
+        generator still rejects comes back as an error update."""
         job = Job(list(prompt), config, deliver, seed)
         with self._cond:
             if self._stopping:
