@@ -16,6 +16,16 @@ from dataclasses import dataclass, field
 import torch
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without stalling the host: on CUDA the copy goes through
+    pinned memory and is queued behind the GPU work already launched (a plain `torch.tensor(...,
+    device="cuda")` waits for the GPU to drain first)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class GenerationConfig:
     """How to generate. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
@@ -83,10 +93,10 @@ class SamplingState:
         """Give rows their parameters; `seeds` (default: config seed mixed with the row's position
         in this call) make each row's random stream."""
         seeds = seeds if seeds is not None else [_mix_seed(c.seed, i) for i, c in enumerate(configs)]
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = to_device(rows, torch.long, self.device)
 
         def put(tensor, values):
-            tensor[index] = torch.tensor(values, dtype=tensor.dtype, device=self.device)
+            tensor[index] = to_device(values, tensor.dtype, self.device)
 
         put(self.temperature, [c.temperature for c in configs])
         put(self.top_k, [c.top_k for c in configs])
@@ -100,15 +110,15 @@ class SamplingState:
         if self.seen is not None:
             self.seen[index] = False
             for row, p in zip(rows, prompts):
-                self.seen[row, torch.tensor(p, dtype=torch.long, device=self.device)] = True
+                self.seen[row, to_device(p, torch.long, self.device)] = True
         for row, c in zip(rows, configs):
             self.configs[row] = c
         self._refresh()
 
     def move(self, dst: list[int], src: list[int]) -> None:
         """Copy rows src -> dst (batch compaction)."""
-        d = torch.tensor(dst, dtype=torch.long, device=self.device)
-        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = to_device(dst, torch.long, self.device)
+        s = to_device(src, torch.long, self.device)
         for t in (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed, self.stop_ids, self.seen):
             if t is not None:
                 t[d] = t[s]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from blockrt.errors import UserError
-from blockrt.generation import GenerationConfig, SamplingState, _mix_seed, mark_seen, sample
+from blockrt.generation import GenerationConfig, SamplingState, _mix_seed, mark_seen, sample, to_device
 from blockrt.graphs.manifest import Manifest
 
 from blockrt.exporter.config import TORCH_DTYPES
@@ -189,8 +189,8 @@ class Generator:
         holes = [i for i in range(n) if self.rows[i].finished]
         tail = [i for i in keep if i >= n]
         if holes:
-            dst = torch.tensor(holes, device=self.device)
-            src = torch.tensor(tail, device=self.device)
+            dst = to_device(holes, torch.long, self.device)
+            src = to_device(tail, torch.long, self.device)
             buffers = [*self.caches, self.past, self.generated, self.prefix if self.block else self.logits]
             for t in buffers:
                 t[dst] = t[src]
@@ -225,8 +225,8 @@ class Generator:
         prompts = [[pad] * (-len(r.prompt) % self.L) + r.prompt for r in joining]
         units = [len(p) // self.L for p in prompts]  # blocks (tokens for vanilla) per prompt
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        new_len = torch.tensor(units, dtype=torch.long, device=self.device)
+        ids = to_device([p + [pad] * (width - len(p)) for p in prompts], torch.long, self.device)
+        new_len = to_device(units, torch.long, self.device)
         zero = torch.zeros(k, dtype=torch.long, device=self.device)
         self.sampling.assign(rows, [r.config for r in joining], [r.prompt for r in joining],
                              self.config.eos_token_id, seeds=[r.seed for r in joining])
