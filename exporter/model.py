@@ -40,7 +40,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def matmul_attention(q, k, v, mask, scale: float):
     """Attention as two batched matmuls. For a handful of keys (the token decoder's L + 1) this is
     far faster than fused kernels, which tile for long sequences. mask: bool [B, 1, T, S]."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, H, T, S]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, T, S], fp32 like fused kernels
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
