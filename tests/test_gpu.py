@@ -8,6 +8,7 @@ from blockrt.exporter import build_model, get_preset, init_random
 from blockrt.exporter.generate import generate
 from blockrt.generation import GenerationConfig
 from blockrt.runtime import Model
+from bf16_check import assert_bf16_tokens_are_reference_top_choices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
@@ -47,14 +48,8 @@ def test_cuda_graph_runtime_matches_reference_sampling_fp32():
     assert [r.token_ids for r in out] == ref.tokens
 
 
-def test_bf16_runtime_agrees_with_bf16_reference_on_most_tokens():
-    model = _model("block_main_b4_5", torch.bfloat16)
-    config = GenerationConfig(max_new_tokens=128, ignore_eos=True)
-    ref = generate(model, PROMPTS, config)
-    out = Model.from_torch(model, dtype="bf16", max_batch=8, max_context=512, device="cuda").generate(PROMPTS, config)
-    # bf16 kernels differ (fused attention vs masked): agreement until the first divergence is
-    # reported, and the first block of every sequence must agree
-    for r, t in zip(out, ref.tokens):
-        same = next((i for i, (a, b) in enumerate(zip(r.token_ids, t)) if a != b), len(t))
-        print(f"bf16 greedy agreement: {same}/{len(t)} tokens")
-        assert same >= 4
+def test_bf16_runtime_tokens_are_top_choices_of_the_fp32_reference():
+    """bf16 and fp32 round differently, so greedy paths may part at a near-tie; what must hold is
+    that every token the bf16 runtime picks is among the fp32 reference's top choices at that
+    point of the runtime's own sequence (teacher forcing along it)."""
+    assert_bf16_tokens_are_reference_top_choices("block_main_b4_5", "cuda")

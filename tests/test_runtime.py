@@ -184,3 +184,10 @@ def test_cli_run_bad_prompt_ids_exit_2_with_the_flag_named(exported, blockrt_cli
     code, _, err = blockrt_cli("run", str(exported("tiny_block")), "--prompt-ids", "1,x")
     assert code == 2
     assert "--prompt-ids" in err and "'x' is not an integer" in err
+
+
+@pytest.mark.parametrize("preset", ["tiny_block", "tiny_vanilla"])
+def test_bf16_torch_engine_tokens_are_top_choices_of_the_fp32_reference(preset):
+    from bf16_check import assert_bf16_tokens_are_reference_top_choices
+
+    assert_bf16_tokens_are_reference_top_choices(preset, "cpu")
