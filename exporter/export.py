@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import os
 import shutil
 import time
@@ -29,14 +28,13 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.export import Dim
 
-from blockrt import __version__
 from blockrt.errors import UserError
 from blockrt.graphs.checks import check_graph
 from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES, OPSET, TensorSpec, graph_io
 from blockrt.graphs.manifest import (MANIFEST_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FileEntry, GraphEntry, Limits,
                                      Manifest, sha256_file)
 
-from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig, config_to_dict
+from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import get_preset
 from .steps import step_modules
@@ -78,8 +76,7 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
         src = f"preset {config_or_model}" if isinstance(config_or_model, str) else "config"
         src += f" (random weights, seed {seed})"
     model = model.to(TORCH_DTYPES[dtype]).eval()
-    L = cfg.block_len
-    limits = Limits(max_batch, max_context, math.ceil(max_context / L) if cfg.kind == "block" else max_context)
+    limits = Limits.for_model(cfg, max_batch, max_context)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -92,11 +89,9 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
         graphs = {}
         for name, step in step_modules(model, cache_io).items():
             graphs[name] = _export_graph(step.eval(), name, cfg, dtype, cache_io, limits, tmp)
-        manifest = Manifest(kind=cfg.kind, model=config_to_dict(cfg), dtype=dtype, cache_io=cache_io, limits=limits,
-                            graphs=graphs, opset=OPSET, block_len=L, vocab_size=cfg.vocab_size,
-                            eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, assets=assets,
-                            tokenizer=TOKENIZER_NAME if tokenizer_path is not None else None,
-                            source=source if source is not None else src, blockrt_version=__version__)
+        manifest = Manifest.for_model(cfg, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs,
+                                      assets=assets, tokenizer=TOKENIZER_NAME if tokenizer_path is not None else None,
+                                      source=source if source is not None else src)
         manifest.save(tmp)
         _publish(tmp, out)
     except BaseException:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,6 +89,11 @@ class Limits:
     max_context: int  # tokens (prompt + generated) one sequence may hold
     cache_len: int  # static cache rows of the block decoder (blocks) or decoder (tokens)
 
+    @classmethod
+    def for_model(cls, config, max_batch: int, max_context: int) -> "Limits":
+        rows = math.ceil(max_context / config.block_len) if config.kind == "block" else max_context
+        return cls(max_batch, max_context, rows)
+
 
 @dataclass
 class Manifest:
@@ -109,6 +115,20 @@ class Manifest:
     source: str = ""  # preset name or checkpoint path
     format_version: int = FORMAT_VERSION
     blockrt_version: str = ""
+
+    @classmethod
+    def for_model(cls, config, *, dtype: str, cache_io: str, limits: Limits, graphs: dict[str, GraphEntry],
+                  **fields) -> "Manifest":
+        """A manifest for a model config: the fields that follow from the config filled in."""
+        from blockrt import __version__
+        from blockrt.exporter.config import config_to_dict
+
+        from .contract import OPSET
+
+        return cls(kind=config.kind, model=config_to_dict(config), dtype=dtype, cache_io=cache_io, limits=limits,
+                   graphs=graphs, opset=OPSET, block_len=config.block_len, vocab_size=config.vocab_size,
+                   eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                   blockrt_version=__version__, **fields)
 
     @property
     def model_config(self):

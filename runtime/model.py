@@ -13,7 +13,6 @@ rows free up (continuous batching); each prompt's output is independent of its n
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -169,20 +168,12 @@ class Model:
 
 def describe(config, *, dtype: str, cache_io: str, max_batch: int, max_context: int) -> Manifest:
     """A manifest for a model that has no files (yet): graph I/O and limits."""
-    L = config.block_len
-    cache_len = math.ceil(max_context / L) if config.kind == "block" else max_context
-    from blockrt import __version__
-    from blockrt.exporter.config import config_to_dict
-    from blockrt.graphs.contract import OPSET
-
+    limits = Limits.for_model(config, max_batch, max_context)
     graphs = {}
     for name in graph_names(config.kind):
-        inputs, outputs = graph_io(config, name, cache_io, dtype, cache_len)
+        inputs, outputs = graph_io(config, name, cache_io, dtype, limits.cache_len)
         graphs[name] = GraphEntry(name, FileEntry(f"{name}.onnx", ""), inputs, outputs)
-    return Manifest(kind=config.kind, model=config_to_dict(config), dtype=dtype, cache_io=cache_io,
-                    limits=Limits(max_batch=max_batch, max_context=max_context, cache_len=cache_len),
-                    graphs=graphs, opset=OPSET, block_len=L, vocab_size=config.vocab_size,
-                    eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, blockrt_version=__version__)
+    return Manifest.for_model(config, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs)
 
 
 def _pick_device(backend: str, device: str | None) -> torch.device:
