@@ -367,6 +367,23 @@ def test_a_failed_non_streaming_request_gets_500():
         assert c.get("/health").status_code == 200
 
 
+def test_a_request_the_generator_refuses_gets_500_and_others_complete():
+    model = tiny_model(max_batch=2)
+    gen = model.generator()
+    add = gen.add
+
+    def picky(prompt, config, seed=None):
+        if prompt == [13, 13]:
+            raise RuntimeError("refused")
+        return add(prompt, config, seed=seed)
+
+    gen.add = picky
+    with Server(create_app(model)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"prompt": [13, 13], "max_tokens": 4})
+        assert r.status_code == 500 and "RuntimeError: refused" in r.json()["error"]["message"]
+        assert complete(c, prompt=[13, 14], max_tokens=4, ignore_eos=True)["usage"]["completion_tokens"] == 4
+
+
 # ------------------------------------------------------------------------------------- command line
 
 def test_blockrt_serve_serves_an_exported_artifact(exported):

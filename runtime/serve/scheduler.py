@@ -172,6 +172,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        try:
+            self._loop()
+            reason = "the server is shutting down"
+        except BaseException as e:  # a bug here must not leave requests waiting forever
+            log.exception("the engine thread stopped")
+            reason = f"the engine thread stopped: {type(e).__name__}: {e}"
+            with self._cond:
+                self._stopping = True
+        self._shutdown(reason)
+
+    def _loop(self) -> None:
         gen = self.generator
         while True:
             with self._cond:
@@ -188,15 +199,14 @@ class Scheduler:
             if gen.has_work:
                 self._step()
             self._publish()
-        self._shutdown()
 
     def _queue(self, job: Job) -> None:
         if job.done:  # cancelled before it reached the generator
             return
         try:
             job.request = self.generator.add(job.prompt, job.config, seed=job.seed)
-        except UserError as e:
-            self._finish(job, Update([], "error", str(e)))
+        except Exception as e:  # `check` passed, so this is the server's fault: fail this job only
+            self._finish(job, Update([], "error", f"{type(e).__name__}: {e}"))
             return
         self._jobs[job.request.id] = job
 
@@ -267,12 +277,12 @@ class Scheduler:
             self.metrics.queue_depth.set(self._waiting)
             self.metrics.running.set(running)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, reason: str) -> None:
         with self._cond:
             inbox, self._inbox = self._inbox, []
         self.generator.reset()
         for job in [*self._jobs.values(), *inbox]:
             if not job.done:
-                self._finish(job, Update([], "error", "the server is shutting down"))
+                self._finish(job, Update([], "error", reason))
         self._jobs = {}
         self._publish()
