@@ -1,4 +1,5 @@
-"""`blockrt serve`: serve an artifact over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
+"""`blockrt serve`: serve an artifact over an OpenAI-compatible HTTP API (FastAPI + uvicorn). Also
+holds the flags and model loading that `blockrt triton` shares (`server_options`, `load_model`)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,46 @@ from blockrt.errors import require
 log = logging.getLogger("blockrt.serve")
 
 
+def server_options(f):
+    """The artifact argument and the model/queue flags of the serving verbs."""
+    options = [
+        click.argument("artifact", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+                     show_default=True, help="auto: tensorrt if engines were built and a GPU is present, torch on a "
+                     "GPU, else onnxruntime."),
+        click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present)."),
+        click.option("--max-batch", type=click.IntRange(1), default=None,
+                     help="Sequences generated at once (default and limit: the artifact's max batch)."),
+        click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
+                     help="Requests allowed to wait for a batch row; beyond it new requests are refused "
+                     "(HTTP 429 with Retry-After; Triton: an error response)."),
+        click.option("--model-name", default=None, help="The model name clients use (default: the artifact "
+                     "directory's name)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_model(artifact: Path, backend: str, device: str | None, max_batch: int | None):
+    from blockrt.runtime import Model
+
+    from .run import pick_backend
+
+    if backend == "auto":
+        backend = pick_backend(artifact)
+    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
+    log.info("loaded %s (%s, %s on %s): batch %d, context %d", artifact, model.manifest.kind, backend, model.device,
+             model.max_batch, model.manifest.limits.max_context)
+    return model
+
+
 @click.command("serve")
-@click.argument("artifact", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
-              show_default=True, help="auto: tensorrt if engines were built and a GPU is present, torch on a GPU, "
-              "else onnxruntime.")
-@click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present).")
+@server_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface, e.g. behind a load balancer).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-batch", type=click.IntRange(1), default=None,
-              help="Sequences generated at once (default and limit: the artifact's max batch).")
-@click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
-              help="Requests allowed to wait for a batch row; beyond it the server answers 429 with Retry-After.")
-@click.option("--model-name", default=None, help="The model id clients send and /v1/models lists "
-              "(default: the artifact directory's name).")
-def command(artifact, backend, device, host, port, max_batch, max_queue, model_name) -> None:
+def command(artifact, backend, device, max_batch, max_queue, model_name, host, port) -> None:
     """Serve the artifact in DIR over HTTP, OpenAI style, with continuous batching.
 
     \b
@@ -46,15 +71,8 @@ def command(artifact, backend, device, host, port, max_batch, max_queue, model_n
     """
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "serve", "blockrt serve")
-    from blockrt.runtime import Model
     from blockrt.runtime.serve import serve
 
-    from .run import pick_backend
-
-    if backend == "auto":
-        backend = pick_backend(artifact)
-    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
-    limits = model.manifest.limits
-    log.info("serving %s (%s, %s on %s): batch %d, context %d, queue %d, on http://%s:%d", artifact,
-             model.manifest.kind, backend, model.device, model.max_batch, limits.max_context, max_queue, host, port)
+    model = load_model(artifact, backend, device, max_batch)
+    log.info("serving on http://%s:%d (queue limit %d)", host, port, max_queue)
     serve(model, host=host, port=port, max_queue=max_queue, model_name=model_name or artifact.resolve().name)

@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sysconfig
+import threading
 
 import numpy as np
 
@@ -67,6 +69,10 @@ def _stub_finds_this_python() -> None:
     if libdir and os.path.isdir(libdir):
         paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _request_inputs(request) -> tuple[list[int], GenerationConfig]:
@@ -163,11 +169,18 @@ class TritonServer:
         return self
 
     def serve(self) -> None:
+        """Serve until SIGINT or SIGTERM (what Kubernetes sends), then stop Triton cleanly."""
         self.scheduler.start()
         bind(self.triton, self.scheduler, self.model_name)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):  # PyTriton stops on KeyboardInterrupt only
+                previous[sig] = signal.signal(sig, _interrupt)
         try:
             self.triton.serve()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.scheduler.stop()
 
     def stop(self) -> None:
