@@ -18,10 +18,11 @@ import pytest
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (pip install -e '.[dev]')")
 httpx = pytest.importorskip("httpx", reason="the serving tests talk HTTP with httpx (pip install -e '.[dev]')")
 
+from blockrt.errors import UserError  # noqa: E402
 from blockrt.exporter import build_model, get_preset, init_random  # noqa: E402
 from blockrt.generation import GenerationConfig  # noqa: E402
 from blockrt.runtime import Model  # noqa: E402
-from blockrt.runtime.serve import Server, create_app  # noqa: E402
+from blockrt.runtime.serve import Scheduler, Server, create_app  # noqa: E402
 
 MAX_CONTEXT = 512
 
@@ -382,6 +383,20 @@ def test_a_request_the_generator_refuses_gets_500_and_others_complete():
         r = c.post("/v1/completions", json={"prompt": [13, 13], "max_tokens": 4})
         assert r.status_code == 500 and "RuntimeError: refused" in r.json()["error"]["message"]
         assert complete(c, prompt=[13, 14], max_tokens=4, ignore_eos=True)["usage"]["completion_tokens"] == 4
+
+
+def test_a_model_is_driven_by_one_engine_thread_at_a_time():
+    model = tiny_model()
+    first = Scheduler(model)
+    first.start()
+    try:
+        with pytest.raises(UserError, match="already served by another engine thread"):
+            Scheduler(model).start()
+    finally:
+        first.stop()
+    second = Scheduler(model)
+    second.start()  # the first one stopped: the model is free again
+    second.stop()
 
 
 # ------------------------------------------------------------------------------------- command line

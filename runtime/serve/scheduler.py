@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generator -> the Scheduler driving it
 
 
 class QueueFull(Exception):
@@ -98,6 +101,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
+        """Start the engine thread; a model's generator takes one engine thread at a time."""
+        other = _DRIVERS.get(self.generator)
+        if other is not None and other is not self and other.alive:
+            raise UserError("this model is already served by another engine thread (its generator is not "
+                            "thread-safe): serve each Model from one app or Triton server")
+        _DRIVERS[self.generator] = self
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="blockrt-engine", daemon=True)
             self._thread.start()
