@@ -279,7 +279,7 @@ class Generator:
                 tokens.append(token)
                 ids = token[:, None]
             if not last_round:
-                self._advance(torch.stack(tokens, dim=1), n, n_live)
+                self._advance(torch.stack(tokens, dim=1), n)
         else:
             for k in range(count):
                 token = self._timed("sampling", sample, self.logits[:n], state, generated)
@@ -287,21 +287,20 @@ class Generator:
                 generated += 1
                 tokens.append(token)
                 if not (last_round and k == count - 1):
-                    self.logits[:n] = self._advance(token[:, None], n, n_live)
+                    self._advance(token[:, None], n)
         self._record(torch.stack(tokens, dim=1), n_live, count)
         return True
 
-    def _advance(self, new_ids: torch.Tensor, n: int, n_live: int) -> torch.Tensor:
-        """Fold one new block (token) per row into the main cache; returns the step's output."""
+    def _advance(self, new_ids: torch.Tensor, n: int) -> None:
+        """Fold one new block (token) per row into the main cache; keep the step's output (the next
+        round's prefix, or a vanilla model's next logits)."""
         write = self.past[:n].clamp(max=self.cache_len - 1)  # finished rows may run one round over
         caches = [c[:n] for c in self.caches]
         attend = min(self.cache_len, max(self.row_past) + 1)
         out = self._main_step(new_ids, write, self.ones[:n], caches, attend_len=attend)
         self.past[:n] += 1
         self.row_past = [p + 1 for p in self.row_past]
-        if self.block:
-            self.prefix[:n] = out
-        return out
+        (self.prefix if self.block else self.logits)[:n] = out
 
     def _record(self, tokens: torch.Tensor, n_live: int, count: int) -> None:
         self.row_launched = [x + count for x in self.row_launched]
