@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from blockrt.cli.demo import Demo, Stage, run_stages
+from blockrt.cli.demo import STAGES, Demo, Stage, run_stages
 from blockrt.exporter import PRESETS, build_model, get_preset, init_random
 from blockrt.exporter.checkpoint import save_checkpoint
 from blockrt.exporter.generate import generate
@@ -34,6 +34,13 @@ def tokenizer_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+def test_version_prints_the_package_version(cli):
+    from blockrt import __version__
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"blockrt, version {__version__}"
 
 
 # ------------------------------------------------------------------------------------- presets
@@ -152,21 +159,34 @@ def test_installed_blockrt_command_exits_2_for_an_unknown_preset():
 
 # ---------------------------------------------------------------------------------------- demo
 
-def test_demo_runs_and_prints_reference_tokens_for_two_ragged_prompts(cli, caplog):
+def test_demo_runs_every_stage_and_prints_matching_tokens_for_two_ragged_prompts(cli, caplog):
     caplog.set_level(logging.INFO, logger="blockrt.demo")
     code, out, err = cli("demo", "--max-new-tokens", "6")
     assert code == 0, err
-    reference = [line for line in out.splitlines() if line.startswith("reference:")]
-    assert len(reference) == 2 and all(len(line.split("->")[1].split()) == 6 for line in reference)
-    assert "[1/" in caplog.text and "[2/" in caplog.text and "demo done" in caplog.text
+    lines = {label: [line for line in out.splitlines() if line.startswith(f"{label}:")]
+             for label in ("reference", "onnxruntime")}
+    assert len(lines["reference"]) == 2 and all(len(line.split("->")[1].split()) == 6 for line in lines["reference"])
+    assert [line.split(":", 1)[1] for line in lines["onnxruntime"]] == [line.split(":", 1)[1] for line in lines["reference"]]
+    assert "PASSED" in out  # the verify report
+    n = len(STAGES)
+    for i, stage in enumerate(STAGES, 1):
+        if stage.needs_tensorrt and stage.missing():
+            assert f"[{i}/{n}] {stage.name}: skipped, no TensorRT library imports" in caplog.text
+        else:
+            assert f"[{i}/{n}] {stage.name}..." in caplog.text
+    ran = sum(1 for s in STAGES if not s.missing())
+    assert f"demo done: {ran} of {n} stages ran" in caplog.text and ran >= n - 1
 
 
-def test_demo_skips_stages_whose_modules_are_missing_and_says_why(caplog, tmp_path):
+def test_demo_skips_the_tensorrt_stage_only_when_no_tensorrt_library_imports(caplog, tmp_path, monkeypatch):
+    from blockrt.cli import demo
+
+    monkeypatch.setattr(demo, "TENSORRT_MODULES", ("blockrt_no_such_tensorrt",))
     caplog.set_level(logging.INFO, logger="blockrt.demo")
     calls = []
     stages = [Stage("first", lambda d: calls.append("first")),
-              Stage("later", lambda d: calls.append("later"), needs=("blockrt.not_yet_written",)),
+              Stage("engines", lambda d: calls.append("engines"), needs_tensorrt=True),
               Stage("last", lambda d: calls.append("last"))]
     ran = run_stages(Demo(preset="tiny_block", out_dir=tmp_path, max_new_tokens=2, seed=0), stages)
     assert ran == ["first", "last"] and calls == ["first", "last"]
-    assert "[2/3] later: skipped, blockrt.not_yet_written is not part of this installation" in caplog.text
+    assert "[2/3] engines: skipped, no TensorRT library imports (tried blockrt_no_such_tensorrt)" in caplog.text

@@ -27,10 +27,10 @@ class _LazyGroup(click.Group):
     """Imports a verb's module only when that verb runs (torch and friends load slowly)."""
 
     def list_commands(self, ctx):
-        return [v for v in VERBS if importlib.util.find_spec(f"blockrt.cli.{VERBS[v]}") is not None]
+        return list(VERBS)
 
     def get_command(self, ctx, name):
-        if name not in VERBS or importlib.util.find_spec(f"blockrt.cli.{VERBS[name]}") is None:
+        if name not in VERBS:
             return None
         return importlib.import_module(f"blockrt.cli.{VERBS[name]}").command
 
@@ -60,7 +60,7 @@ def main() -> None:
     from blockrt.errors import UserError
 
     try:
-        cli(standalone_mode=False)
+        cli(standalone_mode=False, prog_name="blockrt")
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:

@@ -1,16 +1,14 @@
 """`blockrt demo`: the whole job on a built-in tiny preset with random weights, no download needed.
 
-The demo is a list of small named stages run in order on one shared `Demo` state. A stage whose
-library modules are not part of this installation is skipped with a note, so the demo runs the
-stages that exist: reference model -> reference generate -> ONNX export -> verify -> TensorRT
-build (when a TensorRT library imports) -> generate through the runtime, checked token for token
-against the reference.
+The demo is a list of small named stages run in order on one shared `Demo` state: reference
+model -> reference generate -> ONNX export -> verify -> TensorRT build -> generate through the
+runtime, checked token for token against the reference. Only the TensorRT build is optional: it is
+skipped with a note when no TensorRT library imports (the `rtx` or `trt` extra is not installed).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -40,24 +38,13 @@ class Demo:
 class Stage:
     name: str
     run: Callable[[Demo], None]
-    needs: tuple[str, ...] = ()  # modules that must exist for this stage to run
     needs_tensorrt: bool = False
 
     def missing(self) -> str | None:
         """Why this stage cannot run here, or None."""
-        for module in self.needs:
-            if not _has_module(module):
-                return f"{module} is not part of this installation"
         if self.needs_tensorrt and _tensorrt_module() is None:
             return f"no TensorRT library imports (tried {', '.join(TENSORRT_MODULES)})"
         return None
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # a parent package is missing too
-        return False
 
 
 def _tensorrt_module() -> str | None:
@@ -129,12 +116,10 @@ def runtime_generate(demo: Demo) -> None:
 STAGES = [
     Stage("reference model", build_reference),
     Stage("reference generate (PyTorch)", reference_generate),
-    Stage("export ONNX", export_onnx, needs=("blockrt.exporter.export",)),
-    Stage("verify the export against PyTorch", verify_export, needs=("blockrt.exporter.export", "blockrt.runtime.verify")),
-    Stage("build TensorRT engines", build_engines, needs=("blockrt.exporter.export", "blockrt.runtime.build"),
-          needs_tensorrt=True),
-    Stage("generate through the runtime (ONNX Runtime)", runtime_generate,
-          needs=("blockrt.exporter.export", "blockrt.runtime.model")),
+    Stage("export ONNX", export_onnx),
+    Stage("verify the export against PyTorch", verify_export),
+    Stage("build TensorRT engines", build_engines, needs_tensorrt=True),
+    Stage("generate through the runtime (ONNX Runtime)", runtime_generate),
 ]
 
 
