@@ -14,6 +14,7 @@ config before reading any data. Problems are `CheckpointError`s that name the fi
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -196,14 +197,15 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     return _infer_config(_read_header(path))
 
 
-def load_checkpoint(path: str | Path, config: str | ModelConfig | None = None, dtype: str | None = None,
-                    device: str | torch.device = "cpu") -> BlockTransformer | GPTNeoXLM:
-    """Load a Block or Pythia checkpoint into the reference model (eval mode).
+def check_checkpoint(path: str | Path, config: str | ModelConfig) -> None:
+    """Check every tensor name, shape and dtype of a checkpoint against `config`, reading only the
+    safetensors headers; a mismatch is a CheckpointError naming the tensor."""
+    _checked_model(_read_header(path), config)
 
-    `config`: a preset name or a ModelConfig that overrides what the checkpoint says; by default it
-    comes from `config.json` (Pythia) or from the tensor shapes. `dtype`: fp32, fp16, bf16, or
-    None to keep the checkpoint's own dtype."""
-    header = _read_header(path)
+
+def _checked_model(header: _Header, config: str | ModelConfig | None) -> BlockTransformer | GPTNeoXLM:
+    """A model on the meta device for the config (given, or inferred from the header) whose every
+    tensor the header holds with the right shape."""
     kind = header.kind
     cfg = _infer_config(header) if config is None else _resolve_config(config)
     if cfg.kind != kind:
@@ -213,6 +215,19 @@ def load_checkpoint(path: str | Path, config: str | ModelConfig | None = None, d
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ignored = {k for k in header.shapes if _ignored(kind, k)}
     _check_keys(header, expected, ignored, config)
+    return model
+
+
+def load_checkpoint(path: str | Path, config: str | ModelConfig | None = None, dtype: str | None = None,
+                    device: str | torch.device = "cpu") -> BlockTransformer | GPTNeoXLM:
+    """Load a Block or Pythia checkpoint into the reference model (eval mode).
+
+    `config`: a preset name or a ModelConfig that overrides what the checkpoint says; by default it
+    comes from `config.json` (Pythia) or from the tensor shapes. `dtype`: fp32, fp16, bf16, or
+    None to keep the checkpoint's own dtype."""
+    header = _read_header(path)
+    model = _checked_model(header, config)
+    expected = model.state_dict()
     target = _target_dtype(header, dtype)
     state = {}
     for file in sorted(set(header.files.values())):
@@ -295,34 +310,53 @@ def _infer_config(header: _Header) -> ModelConfig:
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str = "the checkpoint") -> ModelConfig:
-    """Infer a config from tensor names and shapes: layers from the largest layer index, widths
-    from the LayerNorms, vocab from the embeddings, block length h_block / h_e, heads by the
-    head-size rule. Pythia-layout names give a VanillaConfig, Block ones a BlockConfig."""
+    """Infer a config from tensor names and shapes: layers from the largest layer index, widths,
+    intermediate sizes and vocab from what most of the tensors that carry them say (so one
+    mis-shaped tensor is the one named by the shape check, not its consistent neighbours), block
+    length h_block / h_e, heads by the head-size rule. Pythia-layout names give a VanillaConfig,
+    Block ones a BlockConfig."""
     def shape(name: str) -> tuple[int, ...]:
         try:
             return shapes[name]
         except KeyError:
             raise CheckpointError(f"cannot infer the model config: tensor '{name}' is not in {where}") from None
 
+    def majority(first: tuple[str, int], *others: tuple[str, int]) -> int:
+        """The size most of these (tensor, axis) pairs agree on; `first` must exist."""
+        sizes = [shape(first[0])[first[1]]]
+        sizes += [shapes[n][axis] for n, axis in others if n in shapes and len(shapes[n]) > axis]
+        return collections.Counter(sizes).most_common(1)[0][0]
+
     def stack(prefix: str, vocab_size: int) -> NeoXConfig:
         layer = re.compile(re.escape(prefix) + r"\.layers\.(\d+)\.")
-        indices = {int(m.group(1)) for k in shapes if (m := layer.match(k))}
+        indices = sorted({int(m.group(1)) for k in shapes if (m := layer.match(k))})
         if not indices:
             raise CheckpointError(f"cannot infer the model config: {where} has no tensors '{prefix}.layers.N.*'")
+        layers = [f"{prefix}.layers.{i}." for i in indices]
+        hidden = [(f"{p}{n}", 0) for p in layers for n in ("input_layernorm.weight", "input_layernorm.bias",
+                                                          "post_attention_layernorm.weight", "attention.dense.bias",
+                                                          "mlp.dense_4h_to_h.bias")]
+        inner = [(f"{p}{n}", axis) for p in layers for n, axis in (("mlp.dense_h_to_4h.bias", 0),
+                                                                  ("mlp.dense_4h_to_h.weight", 1))]
         try:
-            return NeoXConfig(num_layers=max(indices) + 1, hidden_size=shape(f"{prefix}.final_layer_norm.weight")[0],
+            return NeoXConfig(num_layers=indices[-1] + 1,
+                              hidden_size=majority((f"{prefix}.final_layer_norm.weight", 0), *hidden),
                               vocab_size=vocab_size,
-                              intermediate_size=shape(f"{prefix}.layers.0.mlp.dense_h_to_4h.weight")[0])
+                              intermediate_size=majority((f"{prefix}.layers.{indices[0]}.mlp.dense_h_to_4h.weight", 0),
+                                                         *inner))
         except ValueError as e:
             raise CheckpointError(f"cannot infer the model config of {where}: {e}") from None
 
     if _layout_kind(shapes, where) == "vanilla":
-        return VanillaConfig(decoder=stack("gpt_neox", shape("gpt_neox.embed_in.weight")[0]))
-    vocab, embed_dim = shape("embedder.embeddings.weight")
+        return VanillaConfig(decoder=stack("gpt_neox", majority(("gpt_neox.embed_in.weight", 0), ("embed_out.weight", 0))))
+    vocab = majority(("embedder.embeddings.weight", 0), ("token_decoder.gpt_neox.embed_in.weight", 0),
+                     ("token_decoder.embed_out.weight", 0))
+    embed_dim = shape("embedder.embeddings.weight")[1]
     block, token = stack("block_decoder.gpt_neox", vocab), stack("token_decoder.gpt_neox", vocab)
     if block.hidden_size % embed_dim:
         raise CheckpointError(f"cannot infer the block length of {where}: block decoder width {block.hidden_size} "
-                              f"is not a multiple of the width of 'embedder.embeddings.weight' {[vocab, embed_dim]}")
+                              f"is not a multiple of the width of 'embedder.embeddings.weight' "
+                              f"{list(shape('embedder.embeddings.weight'))}")
     return BlockConfig(block_decoder=block, token_decoder=token, block_len=block.hidden_size // embed_dim)
 
 

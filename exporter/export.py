@@ -66,7 +66,7 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
     _check_options(cfg, dtype, cache_io, max_batch, max_context)
     out = Path(out_dir)
     _check_out_dir(out, force)
-    tokenizer_path = _check_tokenizer(tokenizer)
+    tokenizer_path = _check_tokenizer(tokenizer, cfg.vocab_size)
     if isinstance(config_or_model, nn.Module):
         model, src = config_or_model, ""
         if next(model.parameters()).dtype != TORCH_DTYPES[dtype]:  # never change the caller's weights
@@ -79,9 +79,11 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
     limits = Limits.for_model(cfg, max_batch, max_context)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temporaries(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        log.info("saving %s (%s) ...", WEIGHTS_NAME, dtype)
         assets = {"weights": _save_weights(model, tmp)}
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
@@ -139,7 +141,8 @@ def _check_out_dir(out: Path, force: bool) -> None:
                         f"directory, or pass --force to replace its contents")
 
 
-def _check_tokenizer(tokenizer) -> Path | None:
+def _check_tokenizer(tokenizer, vocab_size: int) -> Path | None:
+    """The tokenizer.json to copy in; refused when it is unreadable or has ids the model cannot embed."""
     if tokenizer is None:
         return None
     path = Path(tokenizer)
@@ -148,7 +151,38 @@ def _check_tokenizer(tokenizer) -> Path | None:
     if not path.is_file():
         raise UserError(f"--tokenizer {tokenizer}: no such file (expected a Hugging Face tokenizer.json, or a "
                         f"directory holding one)")
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises a bare Exception for unreadable files
+        raise UserError(f"--tokenizer {path} is not a readable Hugging Face tokenizer.json ({e})") from None
+    if size > vocab_size:
+        raise UserError(f"--tokenizer {path} has {size} tokens, but the model's vocabulary has {vocab_size}: ids "
+                        f"{vocab_size}..{size - 1} ({size - vocab_size} tokens) would be outside the model's "
+                        f"embeddings; use the tokenizer the model was trained with")
     return path
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` directories that earlier exports to `out` left behind
+    when they were killed (SIGKILL, power loss); those of a running export (its pid is alive) stay."""
+    for path in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        parts = path.name[len(out.name) + 2:].split("-")  # "tmp", pid, random (older exports: no pid)
+        if len(parts) == 3 and parts[1].isdigit() and _alive(int(parts[1])):
+            continue
+        log.info("removing %s, left behind by an export that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _save_weights(model: nn.Module, directory: Path) -> FileEntry:
@@ -166,6 +200,7 @@ def _export_graph(step: nn.Module, name: str, cfg: ModelConfig, dtype: str, cach
     args, dynamic = _example_inputs(name, cfg, inputs, dtype, limits)
     from onnxscript import values
 
+    log.info("%s: tracing and converting to ONNX (torch.export + ONNX optimizer)...", name)
     with _quiet_torch_onnx():
         program = torch.onnx.export(
             step, args, None, dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
@@ -177,6 +212,8 @@ def _export_graph(step: nn.Module, name: str, cfg: ModelConfig, dtype: str, cach
     weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                        if v.const_value is not None)
     external = []
+    log.info("%s: converted in %.1f s; saving %s (%.1f MB of weights)...", name, time.perf_counter() - start,
+             path.name, weight_bytes / 1e6)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         data = f"{name}.onnx.data"
         ir.save(program.model, path, external_data=data)
@@ -184,9 +221,10 @@ def _export_graph(step: nn.Module, name: str, cfg: ModelConfig, dtype: str, cach
     else:
         ir.save(program.model, path)
     entry = GraphEntry(name, FileEntry(path.name, sha256_file(path)), inputs, outputs, external)
+    log.info("%s: checking %s (ONNX checker, shape inference, ops, I/O)...", name, path.name)
     check_graph(path, entry)
-    log.info("exported %s (%.1f MB of weights%s) in %.1f s", path.name, weight_bytes / 1e6,
-             ", external data" if external else "", time.perf_counter() - start)
+    log.info("%s: exported %s%s in %.1f s", name, path.name, " + external data" if external else "",
+             time.perf_counter() - start)
     return entry
 
 
@@ -282,7 +320,7 @@ def _publish(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

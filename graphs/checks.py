@@ -54,8 +54,8 @@ def check_graph(path: str | os.PathLike, entry: GraphEntry | None = None) -> onn
         raise ArtifactError(f"{path} contains ops outside the graph contract ({found}): only standard "
                             f"ONNX ops without control flow are allowed; re-export the model")
     if entry is not None:
-        _compare(path, "input", [_spec(v) for v in model.graph.input], entry.inputs)
-        _compare(path, "output", [_spec(v) for v in model.graph.output], entry.outputs)
+        compare_io(path, "input", graph_io_specs(model.graph.input), entry.inputs)
+        compare_io(path, "output", graph_io_specs(model.graph.output), entry.outputs)
     return model
 
 
@@ -75,6 +75,11 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(sub)
 
 
+def graph_io_specs(values) -> list[TensorSpec]:
+    """The TensorSpecs an ONNX graph declares for its inputs or outputs."""
+    return [_spec(v) for v in values]
+
+
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     t = value.type.tensor_type
     shape = tuple(d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
@@ -82,7 +87,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, _ONNX_DTYPES.get(t.elem_type, onnx.TensorProto.DataType.Name(t.elem_type)), shape)
 
 
-def _compare(path: Path, kind: str, found: list[TensorSpec], expected: list[TensorSpec]) -> None:
+def compare_io(path: Path, kind: str, found: list[TensorSpec], expected: list[TensorSpec]) -> None:
     names, want = [t.name for t in found], [t.name for t in expected]
     if names != want:
         raise ArtifactError(f"{path}: graph {kind}s are {names}, but the manifest lists {want}")

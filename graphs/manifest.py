@@ -1,7 +1,12 @@
 """`manifest.json`: the description of an artifact directory (graphs, engines, limits, model).
 
-Loading a manifest checks its format version and, unless told not to, the SHA-256 of every file
-it names, so a runtime never runs graphs or engines that do not match their description.
+A saved manifest carries its own SHA-256 (`manifest_sha256`, over every other field), so a
+hand-edited manifest is refused instead of ending in a traceback deep inside ONNX Runtime or
+torch. Loading checks the format version, that digest and that the fields agree with each other
+and with the graph contract (`graphs.consistency`); unless told not to, also the SHA-256 of every
+graph and asset and that the ONNX files' declared I/O and the weights' shapes are what the
+manifest says. Engines are derived files: their hashes are checked only when the TensorRT backend
+loads them (`verify_engine`), so a corrupt engine never blocks ONNX Runtime, PyTorch or a rebuild.
 """
 
 from __future__ import annotations
@@ -14,16 +19,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockrt.errors import UserError
+
 from .contract import TensorSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DIGEST_KEY = "manifest_sha256"  # the manifest's own SHA-256, over the canonical JSON of every other field
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"  # the exported model's state_dict, in the export dtype
 TOKENIZER_NAME = "tokenizer.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact directory that is missing, corrupt or does not match its manifest."""
+
+
+def manifest_digest(data: dict) -> str:
+    """SHA-256 of a manifest's fields (without the digest itself), independent of JSON formatting."""
+    fields = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -144,23 +158,22 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ArtifactError(f"manifest format version {version!r} is not supported (expected "
-                                f"{FORMAT_VERSION}); re-export the model with this blockrt")
+        _check_version(d)
         try:
-            fields = {k: v for k, v in d.items() if k not in ("graphs", "engines", "assets", "limits")}
+            fields = {k: v for k, v in d.items() if k not in ("graphs", "engines", "assets", "limits", DIGEST_KEY)}
             return cls(**fields, limits=Limits(**d["limits"]),
                        graphs={k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()},
                        engines={k: EngineEntry.from_dict(e) for k, e in d.get("engines", {}).items()},
                        assets={k: FileEntry(**f) for k, f in d.get("assets", {}).items()})
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"malformed manifest: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ArtifactError(f"malformed manifest: {type(e).__name__}: {e}") from None
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        data = self.to_dict()
+        data[DIGEST_KEY] = manifest_digest(data)
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
         return path
 
@@ -175,27 +188,69 @@ class Manifest:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the model") from None
+        from .consistency import check_files, check_manifest
+
+        _check_version(data)
+        if data.get(DIGEST_KEY) != manifest_digest(data):
+            raise ArtifactError(f"{path} was changed after blockrt wrote it (its {DIGEST_KEY} does not match its "
+                                f"contents): the manifest describes the exported graphs and may not be edited by "
+                                f"hand; re-export the model (`blockrt export ... --out {directory}`)")
         manifest = cls.from_dict(data)
+        check_manifest(manifest, path)
         if verify_hashes:
             manifest.verify_files(directory)
+            check_files(manifest, directory)
         return manifest
 
-    def files(self) -> list[FileEntry]:
+    def files(self, engines: bool = True) -> list[FileEntry]:
+        """Every file the manifest names: graphs, external data, assets and (optionally) engines."""
         out = []
         for g in self.graphs.values():
             out += [g.file, *g.external_data]
-        out += [e.file for e in self.engines.values()]
         out += list(self.assets.values())
+        if engines:
+            out += [e.file for e in self.engines.values()]
         return out
 
+    def file_problems(self, directory: str | os.PathLike, engines: bool = True) -> list[tuple[FileEntry, str | None]]:
+        """(entry, problem or None) for every file the manifest names: missing, or a SHA-256 that differs."""
+        return [(entry, _file_problem(directory, entry)) for entry in self.files(engines)]
+
     def verify_files(self, directory: str | os.PathLike) -> None:
-        """Raise ArtifactError if a file the manifest names is missing or its SHA-256 differs."""
-        for entry in self.files():
+        """Raise ArtifactError if a graph or asset the manifest names is missing or its SHA-256
+        differs. Engines are not checked here (see `verify_engine`)."""
+        for entry, problem in self.file_problems(directory, engines=False):
             path = Path(directory) / entry.path
-            if not path.is_file():
-                raise ArtifactError(f"{path} is missing; the artifact is incomplete, re-export or rebuild it")
-            digest = sha256_file(path)
-            if digest != entry.sha256:
-                raise ArtifactError(f"{path} does not match manifest.json (sha256 {digest[:12]}... != "
-                                    f"{entry.sha256[:12]}...): the file was changed or corrupted; "
-                                    f"re-export the model (or `blockrt build` again for engines)")
+            if problem == "missing":
+                raise ArtifactError(f"{path} is missing; the artifact is incomplete, re-export the model")
+            if problem is not None:
+                raise ArtifactError(f"{path} does not match manifest.json ({problem}): the file was changed or "
+                                    f"corrupted; re-export the model")
+
+    def verify_engine(self, directory: str | os.PathLike, graph: str) -> Path:
+        """The path of `graph`'s engine, or ArtifactError (missing or changed) saying how to rebuild it."""
+        entry = self.engines[graph]
+        path = Path(directory) / entry.file.path
+        problem = _file_problem(directory, entry.file)
+        if problem is not None:
+            state = "is missing" if problem == "missing" else f"does not match manifest.json ({problem})"
+            raise ArtifactError(f"TensorRT engine {path} {state}: engines are derived files, rebuild them with "
+                                f"`blockrt build {directory}` (the onnxruntime and torch backends do not use them)")
+        return path
+
+
+def _check_version(d) -> None:
+    if not isinstance(d, dict):
+        raise ArtifactError(f"malformed manifest: expected a JSON object, got {type(d).__name__}")
+    version = d.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"manifest format version {version!r} is not supported (expected "
+                            f"{FORMAT_VERSION}); re-export the model with this blockrt")
+
+
+def _file_problem(directory: str | os.PathLike, entry: FileEntry) -> str | None:
+    path = Path(directory) / entry.path
+    if not path.is_file():
+        return "missing"
+    digest = sha256_file(path)
+    return None if digest == entry.sha256 else f"sha256 {digest[:12]}... != {entry.sha256[:12]}... in manifest.json"

@@ -6,8 +6,6 @@ runs `execute_async_v3` on the current CUDA stream. In-place caches alias `prese
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import torch
 
 from blockrt.errors import UserError
@@ -31,11 +29,12 @@ class TensorRTEngine(GraphEngine):
         if device.type != "cuda" or not torch.cuda.is_available():
             raise UserError("TensorRT engines run on an NVIDIA GPU and none is available here; "
                             "use --backend onnxruntime or --backend torch")
+        path = manifest.verify_engine(directory, graph)  # engines are derived: their hash is checked only here
         trt, _, _ = load_trt(entry.library)
-        check_engine_compatible(manifest, entry, trt)
+        check_engine_compatible(manifest, entry, trt, directory)
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._trt_logger)
-        data = (Path(directory) / entry.file.path).read_bytes()
+        data = path.read_bytes()
         self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise UserError(f"TensorRT could not load {entry.file.path} (built with {entry.library} "

@@ -1,7 +1,11 @@
 """`blockrt verify`: check an artifact's graphs (and engines) against the PyTorch reference.
 
-The reference is rebuilt from the artifact's own `weights.safetensors` (or a given checkpoint)
-and runs in fp32. Two kinds of checks per backend:
+First the files: the SHA-256 of every file the manifest names (graphs, weights, tokenizer,
+engines) is a row of the report; when a graph or the weights changed, nothing runs and the report
+fails (an engine that changed fails the report and skips only the TensorRT backend). Then the
+graphs (ONNX checker, shape inference, allowed ops, I/O against the manifest). The reference is
+rebuilt from the artifact's own `weights.safetensors` (or a given checkpoint) and runs in fp32.
+Two kinds of checks per backend:
 
 - steps: each graph runs on the backend and the reference step module runs on the same inputs
   (cast to the export dtype first, so both see identical numbers): a ragged prefill whose prompts
@@ -17,6 +21,7 @@ TensorRT, no engines, bf16 on ONNX Runtime) is reported as skipped with the reas
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +33,14 @@ from blockrt.exporter.checkpoint import load_checkpoint
 from blockrt.exporter.generate import _right_pad, check_prompts, generate, pad_to_block
 from blockrt.exporter.steps import step_modules
 from blockrt.generation import GenerationConfig
-from blockrt.graphs.checks import check_artifact
+from blockrt.graphs.checks import check_graph
+from blockrt.graphs.consistency import check_files
 from blockrt.graphs.contract import ONNX_DTYPE_NAMES
 from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
 from .engine import SPEC_DTYPES, load_engines
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "tensorrt")
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
@@ -96,10 +104,19 @@ def verify(artifact_dir, *, backends=("onnxruntime",), prompts: list[list[int]] 
     if not isinstance(gen_tokens, int) or gen_tokens < 1:
         raise UserError(f"gen_tokens must be an integer >= 1, got {gen_tokens!r}")
     directory = Path(artifact_dir)
-    manifest = check_artifact(directory)
+    manifest = Manifest.load(directory, verify_hashes=False)  # format, digest, fields: unusable input raises
+    report = VerifyReport(str(directory), manifest.kind, manifest.dtype, manifest.cache_io)
+    report.checks += _file_checks(manifest, directory)
+    if not all(c.passed for c in report.checks if c.output not in _engine_files(manifest)):
+        report.notes.append("graphs not run: a graph or asset differs from the manifest (re-export the model)")
+        return report
+    log.info("files match the manifest; checking the graphs")
+    check_files(manifest, directory)
+    for entry in manifest.graphs.values():
+        check_graph(directory / entry.file.path, entry)
+    log.info("graphs pass the ONNX checks; rebuilding the fp32 PyTorch reference")
     reference = _reference(manifest, directory, checkpoint)
     prompts = _prompts(manifest, prompts)
-    report = VerifyReport(str(directory), manifest.kind, manifest.dtype, manifest.cache_io)
     gen_tokens = _fit_generation(manifest, prompts, gen_tokens, report)
     config = GenerationConfig(max_new_tokens=gen_tokens, ignore_eos=True)
     expected = None  # reference tokens, generated once the first backend can run
@@ -112,14 +129,34 @@ def verify(artifact_dir, *, backends=("onnxruntime",), prompts: list[list[int]] 
             except UserError as e:  # e.g. an engine built for another GPU or TensorRT version
                 reason = str(e)
         if reason is not None:
+            log.info("%s: skipped (%s)", backend, reason)
             report.skipped[backend] = reason
             continue
+        log.info("%s: running every graph step by step beside the fp32 reference", backend)
         report.checks += _step_checks(backend, manifest, engines, reference, prompts[:manifest.limits.max_batch], device)
         del engines
         if expected is None:
+            log.info("reference: greedy generation of %d tokens for %d prompts", gen_tokens, len(prompts))
             expected = generate(reference, prompts, config).tokens
+        log.info("%s: greedy generation of %d tokens for %d prompts through the runtime", backend, gen_tokens,
+                 len(prompts))
         report.checks.append(_generation_check(backend, directory, manifest, prompts, config, expected))
+        log.info("%s: %s", backend, "ok" if all(c.passed for c in report.checks if c.backend == backend) else "FAILED")
     return report
+
+
+def _file_checks(manifest: Manifest, directory: Path) -> list[Check]:
+    engines = _engine_files(manifest)
+    checks = []
+    for entry, problem in manifest.file_problems(directory):
+        fix = "rebuild: blockrt build" if entry.path in engines else "re-export"
+        checks.append(Check("files", "sha256", entry.path, problem is None,
+                            detail="" if problem is None else f"{problem} ({fix})"))
+    return checks
+
+
+def _engine_files(manifest: Manifest) -> set[str]:
+    return {e.file.path for e in manifest.engines.values()}
 
 
 def _reference(manifest: Manifest, directory: Path, checkpoint) -> torch.nn.Module:

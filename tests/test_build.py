@@ -112,18 +112,17 @@ def test_unknown_backend_is_refused():
         load_trt("cuda")
 
 
-def test_graph_tensorrt_cannot_parse_fails_naming_the_node(rtx, artifact_copy):
-    directory = artifact_copy("tiny_vanilla")
+def test_graph_tensorrt_cannot_parse_fails_naming_the_node(rtx, tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.STRING, ["batch"])
     y = helper.make_tensor_value_info("y", TensorProto.STRING, ["batch"])
     node = helper.make_node("StringNormalizer", ["x"], ["y"], name="normalize_text")
+    path = tmp_path / "decoder.onnx"
     onnx.save(helper.make_model(helper.make_graph([node], "g", [x], [y]),
-                                opset_imports=[helper.make_opsetid("", 24)]), str(directory / "decoder.onnx"))
-    manifest = Manifest.load(directory, verify_hashes=False)
-    manifest.graphs["decoder"].file.sha256 = sha256_file(directory / "decoder.onnx")
-    manifest.save(directory)
+                                opset_imports=[helper.make_opsetid("", 24)]), str(path))
+    lib = load_trt("tensorrt-rtx")
+    logger = build_module._logger(lib.module)
     with pytest.raises(BuildError, match="cannot parse .*decoder.onnx: .*node 'normalize_text' \\(StringNormalizer\\)"):
-        build_engines(directory, backend="tensorrt-rtx")
+        build_module._build(lib, lib.module.Builder(logger), logger, path, {}, None)
 
 
 def test_failed_build_leaves_earlier_engines_and_manifest_untouched(rtx, artifact_copy, monkeypatch):

@@ -224,6 +224,17 @@ def test_wrong_shape_names_the_tensor_both_shapes_and_the_file(block_file, tmp_p
     assert str(tmp_path / "model.safetensors") in message
 
 
+@pytest.mark.parametrize("name", ["token_decoder.gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+                                  "block_decoder.gpt_neox.final_layer_norm.weight", "embedder.embeddings.weight"])
+def test_a_mis_shaped_tensor_the_config_is_inferred_from_is_the_one_named(block_file, tmp_path, name):
+    _, tensors = block_file
+    good = list(tensors[name].shape)
+    tensors[name] = torch.zeros(good[0] + 4, *good[1:])  # its neighbours (bias, other layers) still agree
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' .* has shape \[{good[0] + 4}.*expects \[{good[0]}"):
+        load_checkpoint(tmp_path)
+
+
 def test_wrong_shape_in_a_pythia_directory_is_checked_against_config_json(tmp_path):
     save_checkpoint(random_model("tiny_vanilla"), tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")

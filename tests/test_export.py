@@ -102,14 +102,27 @@ def test_graphs_over_the_size_threshold_keep_weights_in_hashed_external_data(tmp
 
 
 def test_tokenizer_is_copied_into_the_artifact_with_its_hash(tmp_path):
-    tok = tmp_path / "tokenizer.json"
-    tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    tok = _word_tokenizer(tmp_path / "tokenizer.json", 100)
     manifest = export("tiny_vanilla", tmp_path / "art", max_batch=1, max_context=8, tokenizer=tok)
     assert manifest.tokenizer == "tokenizer.json"
     assert (tmp_path / "art" / "tokenizer.json").read_bytes() == tok.read_bytes()
     assert manifest.assets["tokenizer"].sha256 == sha256_file(tok)
     with pytest.raises(UserError, match="--tokenizer .*missing.json"):
         export("tiny_vanilla", tmp_path / "art2", tokenizer=tmp_path / "missing.json")
+
+
+def _word_tokenizer(path, size: int):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0")).save(str(path))
+    return path
+
+
+def test_tokenizer_larger_than_the_models_vocabulary_is_refused_with_the_count(tmp_path):
+    tok = _word_tokenizer(tmp_path / "tokenizer.json", 600)  # tiny presets have 512 ids
+    with pytest.raises(UserError, match=r"has 600 tokens, but the model's vocabulary has 512: ids 512..599 \(88 tokens\)"):
+        export("tiny_vanilla", tmp_path / "art", max_batch=1, max_context=8, tokenizer=tok)
+    assert not (tmp_path / "art").exists()
 
 
 def test_exporting_in_another_dtype_leaves_the_callers_model_unchanged(tmp_path):

@@ -28,8 +28,10 @@ def command(artifact_dir, backend, gen_tokens, checkpoint, as_json) -> None:
     steps, decode) and reports max abs and relative error per output; finally generates greedily
     for several prompts through the runtime and compares every token. Limits: relative error
     below 1e-4 (fp32), 2e-2 (fp16), 5e-2 (bf16); tokens must match except in bf16. Backends that
-    cannot run here are listed as skipped with the reason. Exit code 1 when a check fails or no
-    backend could run.
+    cannot run here are listed as skipped with the reason. Exit code 1 when a check fails (a file
+    whose SHA-256 differs from the manifest is a failed check: a changed graph or weights file stops
+    the run there) or no backend could run; 2 when DIR is not a usable artifact (no manifest, or
+    one that was edited or is malformed).
 
     \b
     Examples:
