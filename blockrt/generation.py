@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Rotary positions of the token decoder (see blockrt.exporter.model.token_positions): "forward", the
+# positions of the training forward pass (blockrt's default), or "official-generate", those the
+# official BlockTransformer.generate() gives through Hugging Face generate.
+POSITIONS = ("forward", "official-generate")
+
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor without stalling the host: on CUDA the copy goes through
@@ -38,6 +43,7 @@ class GenerationConfig:
     seed: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    positions: str | None = None  # "forward" | "official-generate"; None: the model's (reference: forward)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -53,6 +59,8 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.positions is not None and self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise ValueError(f"stop token id {t!r} is outside the vocabulary [0, {vocab_size})")

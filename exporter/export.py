@@ -29,6 +29,7 @@ from torch import nn
 from torch.export import Dim
 
 from blockrt.errors import UserError
+from blockrt.generation import POSITIONS
 from blockrt.graphs.checks import check_graph
 from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES, OPSET, TensorSpec, graph_io
 from blockrt.graphs.manifest import (MANIFEST_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FileEntry, GraphEntry, Limits,
@@ -53,17 +54,20 @@ _EXAMPLE = {"batch": 3, "new_blocks": 2, "new_tokens": 5, "past": 7, "token_new"
 
 def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.PathLike, *, dtype: str = "fp32",
            max_batch: int = 8, max_context: int = 2048, cache_io: str = "inplace", seed: int = 0,
-           source: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False) -> Manifest:
+           source: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False,
+           positions: str = "forward") -> Manifest:
     """Export a model to ONNX graphs + manifest in `out_dir`; returns the manifest.
 
     `config_or_model`: a BlockTransformer / GPTNeoXLM, a ModelConfig or a preset name (random
     weights from `seed`). `max_batch` / `max_context` bound the sequences a runtime may run (the
     in-place caches are sized by them). `cache_io`: "inplace" (TensorScatter into static caches)
-    or "concat" (growing caches). An existing artifact at `out_dir` is replaced; any other
-    non-empty directory only with `force=True`."""
+    or "concat" (growing caches). `positions`: the token decoder's rotary positions, "forward"
+    (training) or "official-generate" (those of the official generate(); recorded in the
+    manifest). An existing artifact at `out_dir` is replaced; any other non-empty directory only
+    with `force=True`."""
     start = time.perf_counter()
     cfg = _config(config_or_model)
-    _check_options(cfg, dtype, cache_io, max_batch, max_context)
+    _check_options(cfg, dtype, cache_io, max_batch, max_context, positions)
     out = Path(out_dir)
     _check_out_dir(out, force)
     tokenizer_path = _check_tokenizer(tokenizer, cfg.vocab_size)
@@ -89,11 +93,11 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
             assets["tokenizer"] = FileEntry(TOKENIZER_NAME, sha256_file(tmp / TOKENIZER_NAME))
         graphs = {}
-        for name, step in step_modules(model, cache_io).items():
+        for name, step in step_modules(model, cache_io, positions=positions).items():
             graphs[name] = _export_graph(step.eval(), name, cfg, dtype, cache_io, limits, tmp)
         manifest = Manifest.for_model(cfg, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs,
                                       assets=assets, tokenizer=TOKENIZER_NAME if tokenizer_path is not None else None,
-                                      source=source if source is not None else src)
+                                      source=source if source is not None else src, positions=positions)
         manifest.save(tmp)
         _publish(tmp, out)
     except BaseException:
@@ -119,7 +123,10 @@ def _config(config_or_model) -> ModelConfig:
                     f"BlockTransformer or GPTNeoXLM, a BlockConfig or VanillaConfig, or a preset name")
 
 
-def _check_options(cfg: ModelConfig, dtype: str, cache_io: str, max_batch: int, max_context: int) -> None:
+def _check_options(cfg: ModelConfig, dtype: str, cache_io: str, max_batch: int, max_context: int,
+                   positions: str) -> None:
+    if positions not in POSITIONS:
+        raise UserError(f"unknown positions {positions!r}: expected one of {', '.join(POSITIONS)}")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if cache_io not in CACHE_IO_MODES:

@@ -4,6 +4,8 @@
 sampling options of `GenerationConfig`. With `use_cache=True` it runs the block/token steps with
 KV caches; with `use_cache=False` it recomputes every next-token distribution from the
 teacher-forced `forward`, which shares no cache code and so checks the cached path.
+`config.positions` picks the token decoder's rotary positions: the training forward's by default,
+or "official-generate" for those of the official generate() (`model.token_positions`).
 """
 
 from __future__ import annotations
@@ -83,10 +85,11 @@ def generate(model: BlockTransformer | GPTNeoXLM, prompts: list[list[int]], conf
     device = next(model.parameters()).device
     state = SamplingState.create([config] * len(prompts), prompts, cfg.vocab_size, cfg.eos_token_id, device)
     out = _Outputs(len(prompts), config, record_logits)
+    positions = config.positions or "forward"
     if not use_cache:
-        _generate_recompute(model, prompts, state, out)
+        _generate_recompute(model, prompts, state, out, positions)
     elif isinstance(model, BlockTransformer):
-        _generate_block(model, prompts, state, out)
+        _generate_block(model, prompts, state, out, positions)
     else:
         _generate_vanilla(model, prompts, state, out)
     return out.result()
@@ -111,7 +114,7 @@ def _next(logits: torch.Tensor, state: SamplingState, step: torch.Tensor):
     return tokens, stopped(tokens, state)
 
 
-def _generate_block(model: BlockTransformer, prompts, state: SamplingState, out: _Outputs) -> None:
+def _generate_block(model: BlockTransformer, prompts, state: SamplingState, out: _Outputs, positions: str) -> None:
     cfg = model.config
     L = cfg.block_len
     weight = model.token_decoder.embed_out.weight
@@ -134,7 +137,8 @@ def _generate_block(model: BlockTransformer, prompts, state: SamplingState, out:
         new_block = []
         for _ in range(L):
             token_cache.write_index = local
-            logits = model.token_step(ids, prefix, local, token_cache, scatter_mask(local, ids.shape[1], L + 1))
+            logits = model.token_step(ids, prefix, local, token_cache, scatter_mask(local, ids.shape[1], L + 1),
+                                      positions)
             tokens, stop = _next(logits.float(), state, step)
             out.add(logits, tokens, stop)
             if out.all_done:
@@ -172,7 +176,7 @@ def _generate_vanilla(model: GPTNeoXLM, prompts, state: SamplingState, out: _Out
         past, new, ids = past + new, torch.ones_like(new), tokens[:, None]
 
 
-def _generate_recompute(model, prompts, state: SamplingState, out: _Outputs) -> None:
+def _generate_recompute(model, prompts, state: SamplingState, out: _Outputs, positions: str) -> None:
     """No caches: each next-token distribution comes from the teacher-forced forward of the
     whole sequence so far, one sequence at a time."""
     cfg = model.config
@@ -183,14 +187,14 @@ def _generate_recompute(model, prompts, state: SamplingState, out: _Outputs) -> 
         seq = pad_to_block(prompt, cfg.block_len, cfg.pad_token_id) if cfg.kind == "block" else list(prompt)
         step = torch.zeros(1, dtype=torch.long, device=device)
         while not out.done[row]:
-            logits = _next_logits(model, seq)
+            logits = _next_logits(model, seq, positions)
             tokens, stop = _next(logits, row_state, step)
             out.add(logits, tokens, stop, rows=[row])
             seq.append(int(tokens[0]))
             step += 1
 
 
-def _next_logits(model, seq: list[int]) -> torch.Tensor:
+def _next_logits(model, seq: list[int], positions: str) -> torch.Tensor:
     device = next(model.parameters()).device
     if isinstance(model, GPTNeoXLM):
         return model(torch.tensor([seq], device=device))[:, -1].float()
@@ -198,5 +202,5 @@ def _next_logits(model, seq: list[int]) -> torch.Tensor:
     complete, partial = divmod(len(seq), L)
     # predicting token `partial` of block `complete`: append that block, padded (causal, unseen)
     ids = seq + [pad] * (L - partial)
-    logits = model(torch.tensor([ids], device=device))  # [1, complete, L, V]
+    logits = model(torch.tensor([ids], device=device), positions)  # [1, complete, L, V]
     return logits[:, complete - 1, partial].float()

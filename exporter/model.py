@@ -123,6 +123,20 @@ def _positions(past_len: torch.Tensor, num_new: int) -> torch.Tensor:
     return past_len[:, None] + torch.arange(num_new, device=past_len.device)[None, :]  # [B, T]
 
 
+def token_positions(slots: torch.Tensor, positions: str = "forward") -> torch.Tensor:
+    """Rotary positions of token-decoder inputs at local slots [prefix0, prefix1, t1 .. t_{L-1}] =
+    0 .. L. "forward" (training, the default): the slot itself. "official-generate": 0, 0, 1 .. L-1,
+    what the official generate() gives: its token decoder runs through Hugging Face generate,
+    whose GPT-NeoX `prepare_inputs_for_generation` derives positions from the attention mask of
+    the token ids alone (cumsum - 1), so both prefix vectors of the first step share position 0
+    and token k sits at k instead of k + 1."""
+    if positions == "forward":
+        return slots
+    if positions == "official-generate":
+        return (slots - 1).clamp(min=0)
+    raise ValueError(f"unknown positions {positions!r}: expected 'forward' or 'official-generate'")
+
+
 class LookupEmbedder(nn.Module):
     """L token embeddings of width h_block / L, concatenated into one block embedding."""
 
@@ -173,19 +187,20 @@ class BlockTransformer(nn.Module):
         self.block_decoder = BlockDecoder(cfg)
         self.token_decoder = TokenDecoder(cfg)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, positions: str = "forward"):
         """Teacher forcing. input_ids [B, N*L] -> logits [B, N-1, L, V]: row [j, k] predicts token k
-        of block j+1 from blocks 0..j and tokens 0..k-1 of block j+1."""
+        of block j+1 from blocks 0..j and tokens 0..k-1 of block j+1. `positions`: the token
+        decoder's rotary positions (`token_positions`)."""
         L = self.config.block_len
         B, T = input_ids.shape
         N = T // L
-        positions = torch.arange(N, device=input_ids.device).expand(B, N)
-        context = self.block_decoder.gpt_neox(self.embedder(input_ids), positions)  # [B, N, h_block]
+        block_positions = torch.arange(N, device=input_ids.device).expand(B, N)
+        context = self.block_decoder.gpt_neox(self.embedder(input_ids), block_positions)  # [B, N, h_block]
         prefix = self.token_decoder.prefix(context[:, :-1])  # [B, N-1, 2, h_tok]
         targets = input_ids.view(B, N, L)[:, 1:, : L - 1]  # tokens fed after the prefix
         tokens = self.token_decoder.gpt_neox.embed_in(targets)  # [B, N-1, L-1, h_tok]
         x = torch.cat([prefix, tokens], dim=2).flatten(0, 1)  # [B*(N-1), L+1, h_tok]
-        local = torch.arange(L + 1, device=input_ids.device).expand(x.shape[0], L + 1)
+        local = token_positions(torch.arange(L + 1, device=input_ids.device), positions).expand(x.shape[0], L + 1)
         h = self.token_decoder.gpt_neox(x, local)
         logits = self.token_decoder.embed_out(h[:, 1:])  # positions 1..L predict tokens 0..L-1
         return logits.view(B, N - 1, L, -1)
@@ -197,11 +212,12 @@ class BlockTransformer(nn.Module):
         h = self.block_decoder.gpt_neox(x, _positions(past_len, x.shape[1]), mask, cache)
         return self.token_decoder.prefix(_last_valid(h, new_len)[:, None])[:, 0]
 
-    def token_step(self, input_ids, prefix, past_len, cache: Cache, mask):
-        """Local step -> logits [B, V] of the next token. input_ids [B, T] (ignored at positions
-        0 and 1, which take the prefix), past_len [B] local positions already cached."""
-        x, positions = self.token_decoder.embed(input_ids, prefix, past_len)
-        h = self.token_decoder.gpt_neox(x, positions, mask, cache)
+    def token_step(self, input_ids, prefix, past_len, cache: Cache, mask, positions: str = "forward"):
+        """Local step -> logits [B, V] of the next token. input_ids [B, T] (ignored at slots 0 and
+        1, which take the prefix), past_len [B] local slots already cached; `positions`: the
+        rotary positions of those slots (`token_positions`)."""
+        x, slots = self.token_decoder.embed(input_ids, prefix, past_len)
+        h = self.token_decoder.gpt_neox(x, token_positions(slots, positions), mask, cache)
         return self.token_decoder.embed_out(h[:, -1])
 
 

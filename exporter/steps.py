@@ -16,11 +16,12 @@ from .model import BlockTransformer, GPTNeoXLM
 
 
 class _Step(nn.Module):
-    def __init__(self, model: nn.Module, cache_io: str = "inplace", inplace: bool = False):
+    def __init__(self, model: nn.Module, cache_io: str = "inplace", inplace: bool = False, positions: str = "forward"):
         super().__init__()
         if inplace and cache_io != "inplace":
             raise ValueError("inplace execution needs cache_io='inplace'")
         self.model = model
+        self.positions = positions  # token decoder rotary positions (a constant of the exported graph)
         self.concat = cache_io == "concat"
         self.inplace = inplace
         self.attend_len: int | None = None  # PyTorch runtime: attend to the first rows only
@@ -66,7 +67,7 @@ class TokenStep(_Step):
             cache, mask = self._cache(caches, past_len, num_new, key_mask)
         else:
             cache, mask = self._cache(caches, past_len, num_new)
-        logits = self.model.token_step(input_ids, prefix_embeds, past_len, cache, mask)
+        logits = self.model.token_step(input_ids, prefix_embeds, past_len, cache, mask, self.positions)
         return self._result(logits.float(), cache)
 
 
@@ -82,9 +83,11 @@ class DecoderStep(_Step):
         return self._result(self.model.decoder_step(input_ids, past_len, new_len, cache, mask).float(), cache)
 
 
-def step_modules(model: nn.Module, cache_io: str = "inplace", inplace: bool = False) -> dict[str, _Step]:
-    """Graph name -> step module for a model (block: two graphs, vanilla: one)."""
+def step_modules(model: nn.Module, cache_io: str = "inplace", inplace: bool = False,
+                 positions: str = "forward") -> dict[str, _Step]:
+    """Graph name -> step module for a model (block: two graphs, vanilla: one). `positions`: the
+    token decoder's rotary positions (`model.token_positions`; a vanilla model has one kind)."""
     if isinstance(model, BlockTransformer):
-        return {"block_decoder": BlockStep(model, cache_io, inplace),
-                "token_decoder": TokenStep(model, cache_io, inplace)}
-    return {"decoder": DecoderStep(model, cache_io, inplace)}
+        return {"block_decoder": BlockStep(model, cache_io, inplace, positions),
+                "token_decoder": TokenStep(model, cache_io, inplace, positions)}
+    return {"decoder": DecoderStep(model, cache_io, inplace, positions)}

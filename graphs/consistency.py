@@ -42,6 +42,10 @@ def check_manifest(manifest: Manifest, where: str | os.PathLike = "manifest.json
         fail(f"dtype {manifest.dtype!r} is not one of {', '.join(DTYPES)}")
     if manifest.cache_io not in CACHE_IO_MODES:
         fail(f"cache_io {manifest.cache_io!r} is not one of {', '.join(CACHE_IO_MODES)}")
+    from blockrt.generation import POSITIONS
+
+    if manifest.positions not in POSITIONS:
+        fail(f"positions {manifest.positions!r} is not one of {', '.join(POSITIONS)}")
     if manifest.opset != OPSET:
         fail(f"opset {manifest.opset!r} is not {OPSET}")
     lim = manifest.limits

@@ -127,6 +127,7 @@ class Manifest:
     assets: dict[str, FileEntry] = field(default_factory=dict)  # "weights", "tokenizer" -> file
     tokenizer: str | None = None  # path of tokenizer.json in the artifact, if one was given
     source: str = ""  # preset name or checkpoint path
+    positions: str = "forward"  # token decoder rotary positions baked into the graphs (blockrt.generation.POSITIONS)
     format_version: int = FORMAT_VERSION
     blockrt_version: str = ""
 

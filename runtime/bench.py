@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from blockrt.errors import UserError, require
 from blockrt.exporter.config import TORCH_DTYPES
 from blockrt.generation import GenerationConfig
+from blockrt.graphs.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,13 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 @dataclass
 class Hardware:
     device: str
-    copy_bandwidth_gbs: float  # measured device-to-device, bytes read + written
-    matmul_tflops: float  # measured bf16 (fp32 on CPU) matrix rate
+    copy_bandwidth_gbs: float | None  # measured device-to-device, bytes read + written (None: not measured, CPU)
+    matmul_tflops: float | None  # measured bf16 matrix rate (None: not measured, CPU)
+
+    def describe(self) -> str:
+        if self.copy_bandwidth_gbs is None or self.matmul_tflops is None:
+            return f"{self.device}: copy bandwidth and matmul rate not measured (no GPU): no hardware floors"
+        return f"{self.device}: copy {self.copy_bandwidth_gbs:,.0f} GB/s, matmul {self.matmul_tflops:,.0f} TFLOP/s"
 
 
 @dataclass
@@ -86,7 +93,7 @@ def environment() -> dict:
 def measure_hardware(device: torch.device) -> Hardware:
     """Copy bandwidth and matrix rate, measured once (medians of CUDA-event timings)."""
     if device.type != "cuda":
-        return Hardware(str(device), float("nan"), float("nan"))
+        return Hardware(str(device), None, None)
     n = 1 << 30  # 1 GiB copies
     src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
     copy_ms = _median_ms(torch.empty_like(src).copy_, 20, src)
@@ -172,7 +179,7 @@ def profile_kernels(model, batch: int, prompt_len: int, gen_len: int, rows: int 
 
 def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int, gen_len: int, hw: Hardware) -> None:
     """Hardware floor of the median decode-phase call of each step (mid-generation context)."""
-    if math.isnan(hw.copy_bandwidth_gbs):
+    if hw.copy_bandwidth_gbs is None or hw.matmul_tflops is None:
         return
     cfg, size = model.config, BYTES[model.manifest.dtype]
     L = model.manifest.block_len
@@ -203,8 +210,6 @@ def _stack_cost(stack, batch: int, new: int, attend: int, size: int, lm_head: bo
 
 def bench_hf(weights_model, batch: int, prompt_len: int, gen_len: int, dtype: str = "bf16", device="cuda") -> BenchResult:
     """Hugging Face transformers `generate` (greedy, EOS ignored) on a vanilla model's weights."""
-    from blockrt.errors import require
-
     transformers = require("transformers", "hf", "--against hf")
     cfg = weights_model.config.decoder
     hf_config = transformers.GPTNeoXConfig(
@@ -294,11 +299,26 @@ def format_table(results: list[BenchResult]) -> str:
 
 
 def to_json(results: list[BenchResult], hw: Hardware, ratios: list[dict]) -> dict:
-    return {"environment": environment(), "hardware": asdict(hw), "results": [asdict(r) for r in results],
-            "ratios": ratios}
+    """The results as a JSON-ready dict; a value that is not a finite number is null (JSON has no NaN)."""
+    return _finite({"environment": environment(), "hardware": asdict(hw), "results": [asdict(r) for r in results],
+                    "ratios": ratios})
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- orchestration
+MAX_AUTO_BATCH = 4096  # --batch auto on a GPU for presets and transformers (artifacts: their own limit)
+CPU_AUTO_BATCH = 8  # --batch auto on a CPU: memory is not the limit there, and larger batches only wait longer
+
+
 @dataclass
 class Target:
     """What to benchmark: an artifact directory, a preset (random weights, PyTorch engine) or "hf"."""
@@ -309,6 +329,23 @@ class Target:
     @property
     def is_hf(self) -> bool:
         return self.spec == "hf" or self.spec.startswith("hf:")
+
+
+@dataclass
+class _Plan:
+    """What one target needs, worked out before anything runs."""
+
+    target: Target
+    batch_spec: str
+    kind: str  # "block" or "vanilla"
+    preset: str | None = None  # random weights of this preset (presets, hf:PRESET, hf from a preset)
+    manifest: Manifest | None = None  # the artifact's (artifacts, and hf from a vanilla artifact)
+    max_batch: int = MAX_AUTO_BATCH
+    hf_source: str | None = None  # hf: where the weights come from
+
+    @property
+    def max_context(self) -> int | None:
+        return None if self.manifest is None or self.target.is_hf else self.manifest.limits.max_context
 
 
 def _weights(preset: str, dtype: str, device: torch.device, seed: int = 0):
@@ -322,70 +359,158 @@ def _weights(preset: str, dtype: str, device: torch.device, seed: int = 0):
     return model
 
 
-def _open(target: Target, weights, dtype: str, device: torch.device, max_batch: int, max_context: int):
+def _artifact_weights(plan: _Plan, device: torch.device):
+    """The reference model of a vanilla artifact, in its own dtype (for transformers)."""
     from pathlib import Path
 
+    from blockrt.exporter.checkpoint import load_checkpoint
+    from blockrt.graphs.manifest import WEIGHTS_NAME
+
+    manifest = plan.manifest
+    model = load_checkpoint(Path(plan.hf_source) / WEIGHTS_NAME, config=manifest.model_config, dtype=manifest.dtype,
+                            device=device)
+    model.preset_name = plan.hf_source
+    return model
+
+
+def plan_targets(targets: list[Target], batch_specs: list[str]) -> list[_Plan]:
+    """Resolve every target (preset, artifact, hf) and parse its batch spec, so that a bad flag is
+    refused before the first benchmark runs."""
+    from pathlib import Path
+
+    from blockrt.exporter import PRESETS
+
+    plans = []
+    for target, spec in zip(targets, batch_specs):
+        if target.is_hf:
+            plans.append(_Plan(target, spec, "vanilla"))
+        elif target.spec in PRESETS:
+            plans.append(_Plan(target, spec, PRESETS[target.spec].kind, preset=target.spec))
+        elif Path(target.spec).is_dir():
+            manifest = Manifest.load(target.spec, verify_hashes=False)
+            plans.append(_Plan(target, spec, manifest.kind, manifest=manifest, max_batch=manifest.limits.max_batch))
+        else:
+            raise UserError(f"{target.spec} is neither a preset (see `blockrt presets`) nor an artifact directory")
+    vanilla = next((p for p in plans if not p.target.is_hf and p.kind == "vanilla"), None)
+    for plan in plans:
+        if plan.target.spec.startswith("hf:"):
+            preset = plan.target.spec[3:]
+            if preset not in PRESETS or PRESETS[preset].kind != "vanilla":
+                raise UserError(f"--against {plan.target.spec}: expected hf:<vanilla preset>, e.g. hf:vanilla_410")
+            plan.preset, plan.hf_source = preset, preset
+        elif plan.target.is_hf:
+            if vanilla is None:
+                raise UserError("--against hf runs Hugging Face transformers on the weights of the vanilla model given "
+                                "with it, and none is given (the models are: "
+                                f"{', '.join(f'{p.target.spec} ({p.kind})' for p in plans if not p.target.is_hf)}): "
+                                "add a vanilla preset or artifact, e.g. --against tiny_vanilla --against hf, or "
+                                "use --against hf:PRESET")
+            plan.preset, plan.manifest = vanilla.preset, vanilla.manifest
+            plan.hf_source = vanilla.target.spec
+    if any(p.target.is_hf for p in plans):
+        require("transformers", "hf", "--against hf")
+    for plan in plans:
+        _batches(plan.batch_spec, 0, 1, plan.max_batch, check_only=True)
+    return plans
+
+
+def fit_workloads(workloads: list[tuple[str, int, int]], plans: list[_Plan]) -> list[tuple[str, int, int]]:
+    """Workloads every artifact's context holds: a named workload that does not fit is shortened
+    (its longer part: the generation of decode-heavy, the prompt of prefill-heavy) with a warning
+    saying why; a custom one, whose lengths the user chose, is refused."""
+    fitted = []
+    for name, prompt_len, gen_len in workloads:
+        for plan in plans:
+            limit, L = plan.max_context, (plan.manifest.block_len if plan.manifest is not None else 1)
+            if limit is None:
+                continue
+            padded = math.ceil(prompt_len / L) * L  # prompts are left-padded to a block
+            if padded + gen_len <= limit:
+                continue
+            why = (f"prompt {prompt_len} (padded to {padded}) + generate {gen_len} = {padded + gen_len} tokens exceed "
+                   f"the max context {limit} of {plan.target.spec}")
+            if name == "custom":
+                raise UserError(f"--prompt-len/--gen-len: {why}; use shorter lengths, or re-export with "
+                                f"--max-context {padded + gen_len}")
+            if gen_len >= prompt_len:
+                new_prompt, new_gen = prompt_len, limit - padded
+            else:
+                new_prompt, new_gen = (limit - gen_len) // L * L, gen_len
+            if new_prompt < 1 or new_gen < 1:
+                raise UserError(f"{name}: {why}, and no shorter workload of this shape fits; use --workload custom")
+            log.warning("%s: %s; running prompt %d, generate %d instead (re-export with --max-context %d for the "
+                        "full workload)", name, why, new_prompt, new_gen, padded + gen_len)
+            prompt_len, gen_len = new_prompt, new_gen
+        fitted.append((name, prompt_len, gen_len))
+    return fitted
+
+
+def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, max_context: int):
     from .model import Model
 
     if weights is not None:
         return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device))
-    if not Path(target.spec).is_dir():
-        raise FileNotFoundError(f"{target.spec} is neither a preset nor an artifact directory")
-    return Model.load(target.spec, backend=target.backend, device=str(device), max_batch=max_batch)
+    return Model.load(plan.target.spec, backend=plan.target.backend, device=str(device), max_batch=max_batch)
 
 
-def _batches(spec: str, model_free: int, row_bytes: int) -> list[int]:
+def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool = False,
+             check_only: bool = False) -> list[int]:
+    """The batch sizes of a spec: 'auto' (largest that fits the free memory, at most `limit`; on a
+    CPU at most CPU_AUTO_BATCH) or comma-separated sizes, each at most `limit`."""
     if spec == "auto":
-        return [auto_batch(model_free, row_bytes, 4096)]
+        if check_only:
+            return []
+        return [min(limit, CPU_AUTO_BATCH)] if cpu else [auto_batch(model_free, row_bytes, limit)]
     try:
         values = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--batch must be 'auto' or comma-separated integers, got {spec!r}") from None
+        raise UserError(f"--batch must be 'auto' or comma-separated integers, got {spec!r}") from None
     if any(v < 1 for v in values):
-        raise ValueError(f"--batch values must be >= 1, got {spec!r}")
+        raise UserError(f"--batch values must be >= 1, got {spec!r}")
+    if max(values) > limit:
+        raise UserError(f"batch {max(values)} is above the max batch {limit} of the model it is for; "
+                        f"use --batch auto, or re-export with --max-batch {max(values)}")
     return values
 
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
               device: str | None = None, profile: bool = False) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
-    in this process; the first target is compared with each of the others."""
-    from blockrt.exporter import PRESETS
-
+    in this process; the first target is compared with each of the others. Every flag is checked
+    and every workload fitted to the artifacts' context before the first run."""
+    plans = plan_targets(targets, batch_specs)
+    workloads = fit_workloads(workloads, plans)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hw = measure_hardware(dev)
-    log.info("hardware: %s, copy %.0f GB/s, bf16 matmul %.0f TFLOP/s", hw.device, hw.copy_bandwidth_gbs, hw.matmul_tflops)
+    log.info("hardware: %s", hw.describe())
     max_context = max(p + g for _, p, g in workloads)
     results: list[BenchResult] = []
     by_target: list[dict[str, BenchResult]] = []
-    hf_weights_preset = next((t.spec for t in targets if t.spec in PRESETS and PRESETS[t.spec].kind == "vanilla"), None)
-    for target, batch_spec in zip(targets, batch_specs):
+    for plan in plans:
+        target = plan.target
         best: dict[str, BenchResult] = {}
-        if target.spec.startswith("hf:"):
-            preset = target.spec[3:]
-            if preset not in PRESETS or PRESETS[preset].kind != "vanilla":
-                raise ValueError(f"{target.spec}: expected hf:<vanilla preset>, e.g. hf:vanilla_410")
+        if plan.preset is not None:
+            weights = _weights(plan.preset, dtype, dev)
+        elif target.is_hf:
+            weights = _artifact_weights(plan, dev)
         else:
-            preset = hf_weights_preset if target.is_hf else (target.spec if target.spec in PRESETS else None)
-        if target.is_hf and preset is None:
-            raise ValueError("--against hf needs a vanilla preset among the models to take its weights from "
-                             "(e.g. --against vanilla_410 --against hf)")
-        weights = _weights(preset, dtype, dev) if preset else None
+            weights = None
+        hf_dtype = plan.manifest.dtype if target.is_hf and plan.manifest is not None else dtype
         for name, prompt_len, gen_len in workloads:
             free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 8 << 30
             if target.is_hf:
-                row = _hf_row_bytes(weights, prompt_len + gen_len, dtype)
+                row = _hf_row_bytes(weights, prompt_len + gen_len, hf_dtype)
             else:
-                probe = _open(target, weights, dtype, dev, 1, max_context)
+                probe = _open(plan, weights, dtype, dev, 1, max_context)
                 row = per_row_bytes(probe, prompt_len, gen_len)
                 del probe
-            for batch in _batches(batch_spec, free, row):
+            for batch in _batches(plan.batch_spec, free, row, plan.max_batch, cpu=dev.type != "cuda"):
                 log.info("%s on %s: batch %d, prompt %d, generate %d", target.spec, name, batch, prompt_len, gen_len)
                 try:
                     if target.is_hf:
-                        r = bench_hf(weights, batch, prompt_len, gen_len, dtype, str(dev))
+                        r = bench_hf(weights, batch, prompt_len, gen_len, hf_dtype, str(dev))
                     else:
-                        model = _open(target, weights, dtype, dev, batch, max_context)
+                        model = _open(plan, weights, dtype, dev, batch, max_context)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
                         if profile:
                             log.info("kernel profile of %s, batch %d:\n%s", label, batch,

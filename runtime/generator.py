@@ -135,6 +135,10 @@ class Generator:
             config.validate(vocab)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if config.positions not in (None, self.manifest.positions):
+            raise UserError(f"positions {config.positions!r} asked for, but this model's token decoder uses "
+                            f"{self.manifest.positions!r} positions (fixed at export): re-export with "
+                            f"--positions {config.positions}, or leave positions unset")
         padded = len(prompt) + (-len(prompt) % self.L)
         if padded + config.max_new_tokens > self.max_context:
             raise UserError(f"prompt of {len(prompt)} tokens (padded to {padded}) + max_new_tokens "

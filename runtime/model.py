@@ -20,7 +20,7 @@ from typing import Iterator, Sequence, Union
 import torch
 
 from blockrt.errors import UserError
-from blockrt.generation import GenerationConfig, _mix_seed
+from blockrt.generation import POSITIONS, GenerationConfig, _mix_seed
 from blockrt.graphs.contract import graph_io, graph_names
 from blockrt.graphs.manifest import FileEntry, GraphEntry, Limits, Manifest
 
@@ -81,12 +81,14 @@ class Model:
 
     @classmethod
     def from_torch(cls, model: torch.nn.Module, *, dtype: str = "bf16", max_batch: int = 8, max_context: int = 2048,
-                   device: str | None = None, cuda_graphs: bool = True, tokenizer=None) -> "Model":
+                   device: str | None = None, cuda_graphs: bool = True, tokenizer=None,
+                   positions: str = "forward") -> "Model":
         """Run a PyTorch model (e.g. a preset with random weights) on the PyTorch engine without
-        exporting it first: what `blockrt bench --preset` uses."""
+        exporting it first: what `blockrt bench --preset` uses. `positions` as in `export`."""
         from .torch_engine import load_torch_engines
 
-        manifest = describe(model.config, dtype=dtype, cache_io="inplace", max_batch=max_batch, max_context=max_context)
+        manifest = describe(model.config, dtype=dtype, cache_io="inplace", max_batch=max_batch, max_context=max_context,
+                            positions=positions)
         dev = _pick_device("torch", device)
         engines = load_torch_engines(manifest, None, dev, model=model, cuda_graphs=cuda_graphs)
         return cls(manifest, engines, dev, max_batch, None, tokenizer, pad_rows=dev.type == "cuda" and cuda_graphs)
@@ -166,14 +168,17 @@ class Model:
         return self.tokenizer.decode(ids)
 
 
-def describe(config, *, dtype: str, cache_io: str, max_batch: int, max_context: int) -> Manifest:
+def describe(config, *, dtype: str, cache_io: str, max_batch: int, max_context: int,
+             positions: str = "forward") -> Manifest:
     """A manifest for a model that has no files (yet): graph I/O and limits."""
+    if positions not in POSITIONS:
+        raise UserError(f"unknown positions {positions!r}: expected one of {', '.join(POSITIONS)}")
     limits = Limits.for_model(config, max_batch, max_context)
     graphs = {}
     for name in graph_names(config.kind):
         inputs, outputs = graph_io(config, name, cache_io, dtype, limits.cache_len)
         graphs[name] = GraphEntry(name, FileEntry(f"{name}.onnx", ""), inputs, outputs)
-    return Manifest.for_model(config, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs)
+    return Manifest.for_model(config, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs, positions=positions)
 
 
 def _pick_device(backend: str, device: str | None) -> torch.device:

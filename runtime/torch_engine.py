@@ -88,6 +88,6 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
         if isinstance(module, Attention):
             module.decode_math = True
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and cuda_graphs else None
-    steps = step_modules(model, "inplace", inplace=True)
+    steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     return {name: TorchEngine(manifest, name, step, device, cuda_graphs, attend_bucket, pool)
             for name, step in steps.items()}

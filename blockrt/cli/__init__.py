@@ -49,7 +49,7 @@ def cli(verbose: int, quiet: bool) -> None:
       blockrt verify artifacts/tiny                               # check against PyTorch
       blockrt build artifacts/tiny                                # TensorRT engines (optional)
       blockrt run artifacts/tiny --prompt-ids 1,2,3               # generate
-      blockrt bench artifacts/tiny --against hf                   # measure
+      blockrt bench artifacts/tiny --against tiny_vanilla --against hf   # measure (hf: transformers)
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -19,17 +19,20 @@ log = logging.getLogger("blockrt.bench")
               help="Engine for artifact directories (presets always run on the PyTorch engine).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
               help="Weights and cache dtype for presets (artifacts keep their own).")
-@click.option("--workload", type=click.Choice(["decode-heavy", "prefill-heavy", "both", "custom"]), default="both",
-              show_default=True, help="decode-heavy: prompt 128, generate 2048; prefill-heavy: prompt 2048, "
-              "generate 128; custom: --prompt-len/--gen-len.")
-@click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True, help="Custom workload prompt tokens.")
-@click.option("--gen-len", type=click.IntRange(1), default=128, show_default=True, help="Custom workload generated tokens.")
+@click.option("--workload", type=click.Choice(["decode-heavy", "prefill-heavy", "both", "custom"]), default=None,
+              help="decode-heavy: prompt 128, generate 2048; prefill-heavy: prompt 2048, generate 128; both "
+              "(the default); custom: --prompt-len/--gen-len (implied by either). A named workload longer than an "
+              "artifact's max context is shortened, with a warning.")
+@click.option("--prompt-len", type=click.IntRange(1), default=None, help="Custom workload prompt tokens (default 128).")
+@click.option("--gen-len", type=click.IntRange(1), default=None, help="Custom workload generated tokens (default 128).")
 @click.option("--batch", default="auto", show_default=True,
-              help="'auto' (largest batch that fits GPU memory) or a comma-separated sweep, e.g. 64,256,1024.")
+              help="'auto' (the largest batch that fits GPU memory, at most the artifact's max batch; on a CPU at "
+              "most 8) or a comma-separated sweep, e.g. 64,256,1024.")
 @click.option("--against", multiple=True, metavar="MODEL|hf",
               help="Baseline run in the same process on the same workload: a preset or artifact directory "
               "(e.g. vanilla_410), 'hf:PRESET' for Hugging Face transformers generate on a vanilla preset's "
-              "random weights, or 'hf' for the weights of the vanilla model given with it. Repeatable.")
+              "random weights, or 'hf' for transformers on the weights of the vanilla model (preset or artifact) "
+              "given as MODEL or another --against. Repeatable.")
 @click.option("--against-batch", multiple=True, metavar="SPEC",
               help="Batch spec for each --against, in order (default: same as --batch).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
@@ -47,13 +50,20 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     The paper's comparison on one GPU:
       blockrt bench block_main_b4_1.2b --against vanilla_410 --against hf \\
           --against-batch auto --against-batch 256 --out results.json
+    On a CPU, in seconds:
+      blockrt bench artifacts/tiny --against tiny_vanilla --against hf --prompt-len 16 --gen-len 32
     """
     from blockrt.runtime.bench import (WORKLOADS, Target, format_ratios, format_table, run_bench, to_json)
 
+    custom = prompt_len is not None or gen_len is not None
+    if custom and workload not in (None, "custom"):
+        raise click.BadParameter(f"--prompt-len/--gen-len set the lengths of a custom workload, not of {workload}; "
+                                 f"drop --workload {workload}", param_hint="--workload")
+    workload = workload or ("custom" if custom else "both")
     if workload == "both":
         workloads = [(name, *WORKLOADS[name]) for name in ("decode-heavy", "prefill-heavy")]
     elif workload == "custom":
-        workloads = [("custom", prompt_len, gen_len)]
+        workloads = [("custom", prompt_len or 128, gen_len or 128)]
     else:
         workloads = [(workload, *WORKLOADS[workload])]
     if len(against_batch) > len(against):
@@ -63,12 +73,12 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile)
     data = to_json(results, hw, ratios)
     if out:
-        out.write_text(json.dumps(data, indent=2) + "\n")
+        out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
         log.info("results saved to %s", out)
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data, indent=2, allow_nan=False))
         return
-    click.echo(f"{hw.device}: copy {hw.copy_bandwidth_gbs:,.0f} GB/s, matmul {hw.matmul_tflops:,.0f} TFLOP/s")
+    click.echo(hw.describe())
     click.echo(format_table(results))
     if ratios:
         click.echo(format_ratios(ratios))

@@ -29,6 +29,7 @@ class Demo:
     out_dir: Path
     max_new_tokens: int
     seed: int
+    force: bool = False  # replace a non-empty out_dir that is not an artifact
     model: Any = None
     config: Any = None  # GenerationConfig shared by every generate stage
     reference: list[list[int]] = field(default_factory=list)
@@ -82,7 +83,7 @@ def export_onnx(demo: Demo) -> None:
     from blockrt.exporter.export import export
 
     export(demo.model, demo.out_dir, dtype="fp32", max_batch=len(PROMPTS), max_context=64, cache_io="inplace",
-           seed=demo.seed)
+           seed=demo.seed, force=demo.force)
     log.info("ONNX graphs and manifest written to %s", demo.out_dir)
 
 
@@ -141,12 +142,13 @@ def run_stages(demo: Demo, stages: list[Stage] = STAGES) -> list[str]:
 @click.option("--preset", default="tiny_block", show_default=True, help="A tiny preset (see `blockrt presets`).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Keep the artifacts (ONNX graphs, manifest, engines) in this directory (default: a temporary one).")
+@click.option("--force", is_flag=True, help="Replace --out even if it is a non-empty directory that is not an artifact.")
 @click.option("--max-new-tokens", default=10, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
-def command(preset: str, out: Path | None, max_new_tokens: int, seed: int) -> None:
+def command(preset: str, out: Path | None, force: bool, max_new_tokens: int, seed: int) -> None:
     """Run the whole job on a tiny model with random weights: reference generate, export,
     verify, build, and generate through the runtime, as far as this installation supports."""
     with tempfile.TemporaryDirectory(prefix="blockrt-demo-") as tmp:
-        demo = Demo(preset=preset, out_dir=out or Path(tmp), max_new_tokens=max_new_tokens, seed=seed)
-        ran = run_stages(demo)
+        demo = Demo(preset=preset, out_dir=out or Path(tmp), max_new_tokens=max_new_tokens, seed=seed, force=force)
+        ran = run_stages(demo, STAGES)
     log.info("demo done: %d of %d stages ran", len(ran), len(STAGES))

@@ -10,6 +10,8 @@ import click
 from blockrt.errors import UserError
 from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES
 
+from .options import positions_option
+
 
 @click.command("export")
 @click.option("--preset", help="Model preset (see `blockrt presets`): random weights from --seed, or, with "
@@ -30,9 +32,11 @@ from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES
               "concat: present = concat(past, new), for older engines.")
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="tokenizer.json (or a directory holding one) to copy into the artifact for text prompts.")
+@positions_option
 @click.option("--force", is_flag=True, help="Replace --out even if it is a non-empty directory that is not an artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written manifest as JSON.")
-def command(preset, checkpoint, seed, out_dir, dtype, max_batch, max_context, cache_io, tokenizer, force, as_json) -> None:
+def command(preset, checkpoint, seed, out_dir, dtype, max_batch, max_context, cache_io, tokenizer, positions, force,
+            as_json) -> None:
     """Export a model to ONNX (opset 24) graphs with explicit KV-cache inputs and outputs.
 
     Writes into --out: block_decoder.onnx + token_decoder.onnx (Block Transformer) or decoder.onnx
@@ -59,7 +63,7 @@ def command(preset, checkpoint, seed, out_dir, dtype, max_batch, max_context, ca
     else:
         model, source = preset, None
     manifest = export(model, out_dir, dtype=dtype, max_batch=max_batch, max_context=max_context, cache_io=cache_io,
-                      seed=seed, source=source, tokenizer=tokenizer, force=force)
+                      seed=seed, source=source, tokenizer=tokenizer, force=force, positions=positions)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
     else:

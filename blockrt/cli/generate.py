@@ -6,6 +6,7 @@ This is the semantics every export and engine is checked against; it needs no ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ import click
 from blockrt.errors import UserError
 from blockrt.graphs.contract import DTYPES
 
-from .options import parse_ids, sampling_options, generation_config
+from .options import generation_config, parse_ids, positions_option, sampling_options
 
 log = logging.getLogger("blockrt.generate")
 
@@ -46,9 +47,10 @@ def load_tokenizer(path: Path):
 @click.option("--pad-token-id", type=int, default=None,
               help="Id that left-pads prompts to a block boundary (default: the model config's, 0).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@positions_option
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with prompt and generated ids per prompt.")
-def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, pad_token_id, dtype, device, as_json,
+def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, pad_token_id, dtype, positions, device, as_json,
             **sampling) -> None:
     """Generate tokens with the PyTorch reference model (no export needed).
 
@@ -68,7 +70,7 @@ def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, pad_token_i
         raise UserError("--prompt needs --tokenizer tokenizer.json to turn the text into token ids")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     prompts = [parse_ids(p, "--prompt-ids") for p in prompt_ids] + [tok.encode(t).ids for t in prompt_texts]
-    config = generation_config(**sampling)
+    config = dataclasses.replace(generation_config(**sampling), positions=positions)
     seed = config.seed
 
     model = load_model(checkpoint, preset, dtype=dtype, device=device, seed=seed, pad_token_id=pad_token_id)

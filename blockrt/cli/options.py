@@ -8,7 +8,17 @@ from pathlib import Path
 import click
 
 from blockrt.errors import UserError
-from blockrt.generation import GenerationConfig
+from blockrt.generation import POSITIONS, GenerationConfig
+
+POSITIONS_HELP = ("Token-decoder rotary positions: forward (the training forward pass) or official-generate "
+                  "(those of the official BlockTransformer.generate(): both prefix vectors at 0, token k at k "
+                  "instead of k + 1).")
+
+
+def positions_option(f):
+    """--positions forward|official-generate (default forward)."""
+    return click.option("--positions", type=click.Choice(POSITIONS), default="forward", show_default=True,
+                        help=POSITIONS_HELP)(f)
 
 
 def parse_ids(text: str, flag: str) -> list[int]:

@@ -1,0 +1,114 @@
+"""`blockrt bench` defaults that work: auto batch within the artifact's limit, workloads fitted to
+its context (or refused) before anything runs, --prompt-len/--gen-len imply a custom workload,
+--against hf takes the vanilla model given with it or is refused at once, and JSON without NaN.
+Speed itself is measured by running the command, never asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blockrt.runtime import bench
+from blockrt.runtime.bench import Hardware, Target, _batches, fit_workloads, plan_targets
+
+from conftest import TEST_MAX_BATCH, TEST_MAX_CONTEXT
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail the test if a benchmark starts (refusals must come first)."""
+    def started(*args, **kwargs):
+        raise AssertionError("a benchmark started before the input was refused")
+
+    monkeypatch.setattr(bench, "measure_hardware", started)
+
+
+def test_the_typical_flow_runs_on_a_cpu_with_json_without_nan(exported, blockrt_cli, tmp_path):
+    pytest.importorskip("transformers", reason="--against hf needs transformers (the hf extra)")
+    directory = exported("tiny_block")
+    out = tmp_path / "results.json"
+    code, table, err = blockrt_cli("bench", str(directory), "--against", "tiny_vanilla", "--against", "hf",
+                                   "--prompt-len", "8", "--gen-len", "12", "--dtype", "fp32", "--out", str(out))
+    assert code == 0, err
+    data = _strict_json(out.read_text())
+    engines = [r["engine"].split("-")[0] for r in data["results"]]
+    assert engines == ["blockrt", "blockrt", "hf"]
+    assert [r["name"].split(" ")[0] for r in data["results"]] == [str(directory), "tiny_vanilla", "hf:tiny_vanilla"]
+    assert [r["batch"] for r in data["results"]] == [TEST_MAX_BATCH, bench.CPU_AUTO_BATCH, bench.CPU_AUTO_BATCH]
+    assert all((r["prompt_len"], r["gen_len"]) == (8, 12) for r in data["results"])
+    assert data["hardware"]["copy_bandwidth_gbs"] is None and len(data["ratios"]) == 2
+    assert "nan" not in table.lower() and "not measured" in table
+
+
+def test_auto_batch_stays_within_the_artifacts_limit_and_is_small_on_a_cpu():
+    assert _batches("auto", 1 << 40, 1, TEST_MAX_BATCH) == [TEST_MAX_BATCH]  # memory for millions of rows
+    assert _batches("auto", 1 << 40, 1, 4096, cpu=True) == [bench.CPU_AUTO_BATCH]
+    assert _batches("auto", 1 << 40, 1, 2, cpu=True) == [2]
+
+
+def test_a_batch_above_the_artifacts_limit_is_refused_before_anything_runs(exported, blockrt_cli, nothing_runs):
+    code, _, err = blockrt_cli("bench", str(exported("tiny_block")), "--batch", "2,64", "--prompt-len", "4",
+                               "--gen-len", "4")
+    assert code == 2 and f"batch 64 is above the max batch {TEST_MAX_BATCH}" in err
+
+
+def test_named_workloads_are_shortened_to_the_artifacts_context_with_the_reason(exported, caplog):
+    plans = plan_targets([Target(str(exported("tiny_block")))], ["auto"])
+    fitted = fit_workloads([("decode-heavy", 128, 2048), ("prefill-heavy", 2048, 128)], plans)
+    assert fitted == [("decode-heavy", 128, TEST_MAX_CONTEXT - 128), ("prefill-heavy", TEST_MAX_CONTEXT - 128, 128)]
+    assert all(p + g <= TEST_MAX_CONTEXT for _, p, g in fitted)
+    assert f"exceed the max context {TEST_MAX_CONTEXT}" in caplog.text and "--max-context 2176" in caplog.text
+
+
+def test_a_custom_workload_longer_than_the_context_is_refused_before_anything_runs(exported, blockrt_cli,
+                                                                                  nothing_runs):
+    code, _, err = blockrt_cli("bench", str(exported("tiny_block")), "--prompt-len", "150", "--gen-len", "20")
+    assert code == 2
+    assert f"prompt 150 (padded to 152) + generate 20 = 172 tokens exceed the max context {TEST_MAX_CONTEXT}" in err
+
+
+def test_prompt_and_gen_lengths_imply_a_custom_workload(blockrt_cli, monkeypatch):
+    seen = {}
+
+    def record(targets, workloads, *args, **kwargs):
+        seen["workloads"] = workloads
+        return [], Hardware("cpu", None, None), []
+
+    monkeypatch.setattr(bench, "run_bench", record)
+    assert blockrt_cli("bench", "tiny_block", "--prompt-len", "16", "--gen-len", "8")[0] == 0
+    assert seen["workloads"] == [("custom", 16, 8)]
+    assert blockrt_cli("bench", "tiny_block", "--gen-len", "8")[0] == 0
+    assert seen["workloads"] == [("custom", 128, 8)]
+    code, _, err = blockrt_cli("bench", "tiny_block", "--workload", "decode-heavy", "--prompt-len", "16")
+    assert code == 2 and "custom workload" in err
+
+
+@pytest.mark.parametrize("against, message", [
+    (["hf"], "none is given (the models are: tiny_block (block))"),
+    (["hf:tiny_block"], "expected hf:<vanilla preset>"),
+    (["no_such_model"], "neither a preset"),
+])
+def test_bad_baselines_are_refused_before_anything_runs(blockrt_cli, nothing_runs, against, message):
+    args = [a for x in against for a in ("--against", x)]
+    code, _, err = blockrt_cli("bench", "tiny_block", *args, "--prompt-len", "4", "--gen-len", "4")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_hf_takes_the_weights_of_a_vanilla_artifact_given_with_it(exported):
+    directory = str(exported("tiny_vanilla"))
+    plans = plan_targets([Target("tiny_block"), Target(directory), Target("hf")], ["auto"] * 3)
+    assert plans[2].hf_source == directory and plans[2].manifest is plans[1].manifest
+
+
+def test_json_has_null_where_a_value_is_not_a_finite_number():
+    data = bench.to_json([], Hardware("cpu", float("nan"), None), [{"ttft_ratio": float("inf")}])
+    text = json.dumps(data, allow_nan=False)
+    assert _strict_json(text)["hardware"]["copy_bandwidth_gbs"] is None and '"ttft_ratio": null' in text
