@@ -1,19 +1,28 @@
-"""Generation parameters and token sampling, shared by the reference and the runtime.
+"""Generation requests: their parameters (`GenerationConfig`), the one check of a request against
+what a generator can run (`check_request`), and token sampling, shared by the reference and the
+runtime.
 
 Sampling runs on whatever device the logits are on, with one row per sequence and per-row
 parameters (so a server can batch requests with different settings). Randomness is counter based:
 the draw for a row depends only on its stream seed and on how many tokens that sequence has
 generated, never on its neighbours' tokens, and needs no generator state (CUDA-graph friendly).
-Prompt i of a call with seed s draws from stream seed `_mix_seed(s, i)`, so a seeded call is
-reproducible and prompts of one call do not repeat each other's draws; a server gives each request
-its own stream (`_mix_seed(seed, 0)`), so a seeded request gives the same text alone or batched.
+
+Seeds are per request: a request with `seed` s draws from stream `stream_seed(s)`, whatever its
+position in a batch, so a seeded request gives the same tokens alone or batched, offline or
+through a server. Two prompts of one call with the same config therefore share a stream (the same
+prompt twice gives the same sample twice); give each its own `GenerationConfig(seed=...)` for
+different samples.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
+import numpy as np
 import torch
+
+from blockrt.errors import UserError
 
 # Rotary positions of the token decoder (see blockrt.exporter.model.token_positions): "forward", the
 # positions of the training forward pass (blockrt's default), or "official-generate", those the
@@ -31,6 +40,19 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class RequestError(UserError):
+    """A prompt or generation parameter that cannot run. `field` names it: "prompt" or a
+    `GenerationConfig` field ("max_new_tokens", "stop_token_ids", ...)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class ContextTooLong(RequestError):
+    """The block-padded prompt plus max_new_tokens does not fit the context."""
+
+
 @dataclass
 class GenerationConfig:
     """How to generate. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
@@ -46,30 +68,91 @@ class GenerationConfig:
     positions: str | None = None  # "forward" | "official-generate"; None: the model's (reference: forward)
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise RequestError naming the first invalid field."""
+        def bad(name: str, message: str):
+            raise RequestError(message, name)
+
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            bad("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+            bad("temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            bad("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            bad("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+            bad("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            bad("seed", f"seed must be an integer >= 0, got {self.seed!r}")
         if self.positions is not None and self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+            bad("positions", f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
-                raise ValueError(f"stop token id {t!r} is outside the vocabulary [0, {vocab_size})")
+                bad("stop_token_ids", f"stop token id {t!r} is outside the vocabulary [0, {vocab_size})")
 
     def stop_ids(self, eos_token_id: int) -> list[int]:
         ids = list(self.stop_token_ids)
         if not self.ignore_eos and eos_token_id not in ids:
             ids.append(eos_token_id)
         return ids
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a generator can run: token ids below `vocab_size`; prompts left-padded to a multiple of
+    `block_len` (1 for vanilla models) plus max_new_tokens within `max_context`; at most
+    `stop_slots` stop ids per request, EOS included (unless ignored); the token decoder's
+    `positions`, fixed at export (a request may leave them unset or ask for the same)."""
+
+    vocab_size: int
+    block_len: int
+    max_context: int
+    eos_token_id: int
+    stop_slots: int
+    positions: str = "forward"
+
+
+def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, or RequestError (field "prompt"): empty, not a flat list of
+    integers, or ids outside the vocabulary. Vectorised: prompts can be thousands of tokens."""
+    ids = np.asarray(prompt)
+    if ids.size == 0:
+        raise RequestError("empty prompt: every prompt needs at least one token id", "prompt")
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise RequestError(f"a prompt must be a flat list of integer token ids, got {str(prompt)[:60]}", "prompt")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = ids[(ids < 0) | (ids >= vocab_size)][:5].tolist()
+        raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab_size}): {bad}", "prompt")
+    return ids.tolist()
+
+
+def check_request(prompt: Sequence[int], config: GenerationConfig, limits: RequestLimits) -> list[int]:
+    """The one check of a request (used by `Generator.add` and the server before it queues one):
+    returns the prompt as a list of ints, or raises RequestError naming the prompt or the field at
+    fault (ContextTooLong when prompt and max_new_tokens do not fit the context)."""
+    ids = check_prompt(prompt, limits.vocab_size)
+    config.validate(limits.vocab_size)
+    n = len(ids)
+    padded = n + (-n % limits.block_len)
+    total = padded + config.max_new_tokens
+    if total > limits.max_context:
+        raise ContextTooLong(f"prompt too long: {n} prompt tokens (padded to {padded} for blocks of {limits.block_len}) "
+                             f"+ max_new_tokens {config.max_new_tokens} = {total} exceeds the max context of "
+                             f"{limits.max_context} tokens; shorten the prompt or lower max_new_tokens (an export "
+                             f"with a larger --max-context runs longer ones)", "prompt")
+    if len(config.stop_ids(limits.eos_token_id)) > limits.stop_slots:
+        raise RequestError(f"at most {limits.stop_slots - 1} stop token ids are supported", "stop_token_ids")
+    if config.positions not in (None, limits.positions):
+        raise RequestError(f"positions {config.positions!r} asked for, but this model's token decoder uses "
+                           f"{limits.positions!r} positions (fixed at export): re-export with "
+                           f"--positions {config.positions}, or leave positions unset", "positions")
+    return ids
+
+
+def stream_seed(seed: int) -> int:
+    """The random stream of a request whose `GenerationConfig.seed` is `seed` (the same for a
+    request alone or at any position of a batch)."""
+    return (seed * 1_000_003) % (2**31 - 1)
 
 
 class SamplingState:
@@ -97,10 +180,8 @@ class SamplingState:
         return state
 
     def assign(self, rows: list[int], configs: list[GenerationConfig], prompts: list[list[int]],
-               eos_token_id: int, seeds: list[int] | None = None) -> None:
-        """Give rows their parameters; `seeds` (default: config seed mixed with the row's position
-        in this call) make each row's random stream."""
-        seeds = seeds if seeds is not None else [_mix_seed(c.seed, i) for i, c in enumerate(configs)]
+               eos_token_id: int) -> None:
+        """Give rows their parameters; each row's random stream is `stream_seed` of its config's seed."""
         index = to_device(rows, torch.long, self.device)
 
         def put(tensor, values):
@@ -110,7 +191,7 @@ class SamplingState:
         put(self.top_k, [c.top_k for c in configs])
         put(self.top_p, [c.top_p for c in configs])
         put(self.repetition_penalty, [c.repetition_penalty for c in configs])
-        put(self.seed, seeds)
+        put(self.seed, [stream_seed(c.seed) for c in configs])
         stops = [c.stop_ids(eos_token_id)[: self.stop_ids.shape[1]] for c in configs]
         put(self.stop_ids, [s + [-1] * (self.stop_ids.shape[1] - len(s)) for s in stops])
         if any(c.repetition_penalty != 1.0 for c in configs) and self.seen is None:
@@ -163,10 +244,6 @@ class SamplingState:
         return self
 
 
-def _mix_seed(seed: int, row: int) -> int:
-    return (seed * 1_000_003 + row * 7919) % (2**31 - 1)
-
-
 _MASK32 = 0xFFFFFFFF
 
 
@@ -191,11 +268,7 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> to
 def sample(logits: torch.Tensor, state: SamplingState, step: torch.Tensor) -> torch.Tensor:
     """Next token ids [B] from logits [B, V] (float32). `step` [B] is each row's count of tokens
     generated so far (the random stream position)."""
-    logits = logits.float()
-    if state.seen is not None and state.any_penalty:
-        penalty = state.repetition_penalty[:, None]
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(state.seen, penalized, logits)
+    logits = penalize(logits.float(), state)
     greedy = logits.argmax(dim=-1)
     if not state.any_sampling:
         return greedy
@@ -206,6 +279,17 @@ def sample(logits: torch.Tensor, state: SamplingState, step: torch.Tensor) -> to
     gumbel = -torch.log(-torch.log(uniform_noise(state.seed, step, logits.shape[-1])))
     sampled = (scaled + gumbel).argmax(dim=-1)  # Gumbel-max: a draw from softmax(scaled)
     return torch.where(state.temperature > 0, sampled, greedy)
+
+
+def penalize(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    """The repetition penalty: logits of tokens a row has seen (prompt or generated) are divided
+    by its penalty where positive and multiplied where negative (as transformers'
+    `RepetitionPenaltyLogitsProcessor`); rows with penalty 1 are unchanged."""
+    if state.seen is None or not state.any_penalty:
+        return logits
+    penalty = state.repetition_penalty[:, None]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(state.seen, penalized, logits)
 
 
 def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ def kv_write(cache: torch.Tensor, update: torch.Tensor, write_index: torch.Tenso
     """Functional scatter of `update [B, H, T, D]` into `cache [B, H, S, D]` at rows
     `write_index[b] .. write_index[b] + T - 1` of each sequence (ONNX TensorScatter, axis -2)."""
     out = cache.clone()
-    _write_rows(out, update, write_index)
+    write_rows(out, update, write_index)
     return out
 
 
@@ -29,7 +29,8 @@ def _kv_write_fake(cache, update, write_index):
     return torch.empty_like(cache)
 
 
-def _write_rows(cache: torch.Tensor, update: torch.Tensor, write_index: torch.Tensor) -> None:
+def write_rows(cache: torch.Tensor, update: torch.Tensor, write_index: torch.Tensor) -> None:
+    """In place: `update [B, H, T, D]` into rows write_index[b] .. write_index[b] + T - 1 of `cache`."""
     B, _, T, _ = update.shape
     rows = write_index[:, None] + torch.arange(T, device=cache.device)  # [B, T]
     batch = torch.arange(B, device=cache.device)[:, None]  # [B, 1]
@@ -49,8 +50,8 @@ class ScatterCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inplace:
-            _write_rows(self.keys[layer], k, self.write_index)
-            _write_rows(self.values[layer], v, self.write_index)
+            write_rows(self.keys[layer], k, self.write_index)
+            write_rows(self.values[layer], v, self.write_index)
         else:
             self.keys[layer] = torch.ops.blockrt.kv_write(self.keys[layer], k, self.write_index)
             self.values[layer] = torch.ops.blockrt.kv_write(self.values[layer], v, self.write_index)

@@ -1,6 +1,6 @@
 """Checkpoints: save and load the official safetensors layouts, every key and shape checked.
 
-Two layouts (DESIGN.md section 1):
+Two layouts (docs/model.md):
 
 - Block: one `model.safetensors` (a directory holding it, or the file itself) with the module
   names of `BlockTransformer`, plus the block decoder's unused `embed_in` [vocab, h_block].
@@ -35,7 +35,7 @@ _HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfl
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
-WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_WEIGHTS_NAME = "model.safetensors"  # a checkpoint's weights (Hugging Face name); an artifact's: graphs.manifest.WEIGHTS_NAME
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
@@ -61,18 +61,18 @@ def save_checkpoint(model: BlockTransformer | GPTNeoXLM, path: str | Path) -> Pa
         cfg = model.config
         embed = model.embedder.embeddings.weight
         tensors[BLOCK_UNUSED_EMBED] = torch.zeros(cfg.vocab_size, cfg.block_decoder.hidden_size, dtype=embed.dtype)
-        file = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+        file = path if path.suffix == ".safetensors" else path / CHECKPOINT_WEIGHTS_NAME
         file.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(file), metadata={"format": "pt"})
         return file
     if path.suffix == ".safetensors":
-        raise CheckpointError(f"a vanilla (Pythia) checkpoint is a directory with {CONFIG_NAME} and {WEIGHTS_NAME}; "
+        raise CheckpointError(f"a vanilla (Pythia) checkpoint is a directory with {CONFIG_NAME} and {CHECKPOINT_WEIGHTS_NAME}; "
                               f"got the file name {path}")
     path.mkdir(parents=True, exist_ok=True)
     dtype = model.embed_out.weight.dtype
     (path / CONFIG_NAME).write_text(json.dumps(_hf_config(model.config, dtype), indent=2) + "\n")
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    return path / WEIGHTS_NAME
+    save_file(tensors, str(path / CHECKPOINT_WEIGHTS_NAME), metadata={"format": "pt"})
+    return path / CHECKPOINT_WEIGHTS_NAME
 
 
 def _hf_config(cfg: VanillaConfig, dtype: torch.dtype) -> dict:
@@ -135,8 +135,8 @@ def _read_header(path: str | Path) -> _Header:
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
     config_path = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if path.is_dir():
-        if (path / WEIGHTS_NAME).is_file():
-            weight_files = [path / WEIGHTS_NAME]
+        if (path / CHECKPOINT_WEIGHTS_NAME).is_file():
+            weight_files = [path / CHECKPOINT_WEIGHTS_NAME]
         elif (path / INDEX_NAME).is_file():
             index = _read_json(path / INDEX_NAME)
             try:
@@ -144,7 +144,7 @@ def _read_header(path: str | Path) -> _Header:
             except (KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{path / INDEX_NAME} has no 'weight_map' of tensor names to files") from None
         else:
-            raise CheckpointError(f"{path} is not a checkpoint directory: it has no {WEIGHTS_NAME} "
+            raise CheckpointError(f"{path} is not a checkpoint directory: it has no {CHECKPOINT_WEIGHTS_NAME} "
                                   f"(nor {INDEX_NAME}); only safetensors checkpoints are supported")
     else:
         weight_files = [path]
@@ -259,12 +259,7 @@ def load_model(checkpoint: str | Path | None = None, config: str | ModelConfig |
 
 
 def _resolve_config(config: str | ModelConfig) -> ModelConfig:
-    if isinstance(config, str):
-        try:
-            return get_preset(config)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    return config
+    return get_preset(config) if isinstance(config, str) else config
 
 
 def _ignored(kind: str, name: str) -> bool:

@@ -34,6 +34,7 @@ from blockrt.graphs.checks import check_graph
 from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES, OPSET, TensorSpec, graph_io
 from blockrt.graphs.manifest import (MANIFEST_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FileEntry, GraphEntry, Limits,
                                      Manifest, sha256_file)
+from blockrt.tokenizer import load_tokenizer
 
 from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
@@ -111,10 +112,7 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
 
 def _config(config_or_model) -> ModelConfig:
     if isinstance(config_or_model, str):
-        try:
-            return get_preset(config_or_model)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        return get_preset(config_or_model)
     if isinstance(config_or_model, (BlockTransformer, GPTNeoXLM)):
         return config_or_model.config
     if isinstance(config_or_model, (BlockConfig, VanillaConfig)):
@@ -158,12 +156,7 @@ def _check_tokenizer(tokenizer, vocab_size: int) -> Path | None:
     if not path.is_file():
         raise UserError(f"--tokenizer {tokenizer}: no such file (expected a Hugging Face tokenizer.json, or a "
                         f"directory holding one)")
-    from tokenizers import Tokenizer
-
-    try:
-        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-    except Exception as e:  # the tokenizers library raises a bare Exception for unreadable files
-        raise UserError(f"--tokenizer {path} is not a readable Hugging Face tokenizer.json ({e})") from None
+    size = load_tokenizer(path, "--tokenizer").get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
         raise UserError(f"--tokenizer {path} has {size} tokens, but the model's vocabulary has {vocab_size}: ids "
                         f"{vocab_size}..{size - 1} ({size - vocab_size} tokens) would be outside the model's "

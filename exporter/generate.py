@@ -6,6 +6,13 @@ KV caches; with `use_cache=False` it recomputes every next-token distribution fr
 teacher-forced `forward`, which shares no cache code and so checks the cached path.
 `config.positions` picks the token decoder's rotary positions: the training forward's by default,
 or "official-generate" for those of the official generate() (`model.token_positions`).
+
+An independent oracle on purpose: it pads prompts, orders the prefill, token and block steps, and
+tracks positions and stops with code of its own, sharing none of that with the runtime's
+`Generator` or `blockrt verify` (which share `blockrt.runtime.engine.prefill_inputs` and
+`local_position`), so a mistake there cannot hide by being made twice. It shares only the model,
+the request checks and the sampler (`blockrt.generation`), which tests check against
+independent references of their own (tests/test_references.py).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blockrt.generation import GenerationConfig, SamplingState, mark_seen, sample, stopped
+from blockrt.generation import GenerationConfig, RequestError, SamplingState, check_prompt, mark_seen, sample, stopped
 
 from .cache import ScatterCache, scatter_mask
 from .config import NeoXConfig
@@ -30,19 +37,21 @@ class ReferenceOutput:
 
 
 def pad_to_block(prompt: list[int], block_len: int, pad_token_id: int) -> list[int]:
-    """Left-pad a prompt with the pad id to a multiple of the block length (DESIGN.md section 1)."""
+    """Left-pad a prompt with the pad id to a multiple of the block length (docs/model.md)."""
     return [pad_token_id] * (-len(prompt) % block_len) + list(prompt)
 
 
-def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> list[list[int]]:
+    """Each prompt checked by `check_prompt`; a RequestError names the prompt's index."""
     if not prompts:
-        raise ValueError("no prompts given: pass at least one prompt of token ids")
+        raise RequestError("no prompts given: pass at least one prompt of token ids", "prompt")
+    checked = []
     for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
-        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        try:
+            checked.append(check_prompt(p, vocab_size))
+        except RequestError as e:
+            raise RequestError(f"prompt {i}: {e}", "prompt") from None
+    return checked
 
 
 class _Outputs:

@@ -1,6 +1,6 @@
 """The PyTorch reference: GPT-NeoX stacks, the Block Transformer and the vanilla Pythia model.
 
-Module names mirror the official checkpoint keys (DESIGN.md section 1), so `state_dict()` is the
+Module names mirror the official checkpoint keys (docs/model.md), so `state_dict()` is the
 checkpoint layout. Every stack forward takes embeddings, positions, an optional attention mask and
 an optional KV cache (see `cache.py`); the step functions (`block_step`, `token_step`,
 `decoder_step`) are what the exported graphs and the runtime compute.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from blockrt.errors import UserError
+
 from .config import BlockConfig, ModelConfig, NeoXConfig, VanillaConfig
 
 PYTHIA_VOCAB = 50304  # GPT-NeoX-20B BPE, embedding rows padded to a multiple of 128
@@ -41,11 +43,11 @@ TINY_PRESETS = [name for name in PRESETS if name.startswith("tiny_")]
 
 
 def get_preset(name: str) -> ModelConfig:
-    """The config of a named preset; an unknown name is a ValueError listing the known ones."""
+    """The config of a named preset; an unknown name is a UserError listing the known ones."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
 def preset_summary(name: str) -> dict:

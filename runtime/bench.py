@@ -142,17 +142,15 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
         ttft.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    gen = model.generator()
     _sync(device)
     t0 = time.perf_counter()
-    gen.timings = {} if device.type == "cuda" else None
-    outputs = model.generate(prompts, full)
-    _sync(device)
+    with model.generator().record_timings() as timings:
+        outputs = model.generate(prompts, full)
+        _sync(device)
     wall = time.perf_counter() - t0
-    timings, gen.timings = gen.timings, None
     assert all(len(o.token_ids) == gen_len for o in outputs), "a sequence stopped early with EOS ignored"
     steps, busy_ms = {}, 0.0
-    for step, pairs in (timings or {}).items():
+    for step, pairs in timings.items():
         ms = [s.elapsed_time(e) for s, e in pairs]
         busy_ms += sum(ms)
         steps[step] = StepStats(len(ms), statistics.median(ms), sum(ms))
@@ -445,10 +443,12 @@ def fit_workloads(workloads: list[tuple[str, int, int]], plans: list[_Plan]) -> 
     return fitted
 
 
-def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, max_context: int):
+def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads):
     from .model import Model
 
-    if weights is not None:
+    if weights is not None:  # room for the longest workload, its prompt padded to whole blocks
+        L = weights.config.block_len
+        max_context = max(-(-p // L) * L + g for _, p, g in workloads)
         return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device))
     return Model.load(plan.target.spec, backend=plan.target.backend, device=str(device), max_batch=max_batch)
 
@@ -483,7 +483,6 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hw = measure_hardware(dev)
     log.info("hardware: %s", hw.describe())
-    max_context = max(p + g for _, p, g in workloads)
     results: list[BenchResult] = []
     by_target: list[dict[str, BenchResult]] = []
     for plan in plans:
@@ -501,7 +500,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
             if target.is_hf:
                 row = _hf_row_bytes(weights, prompt_len + gen_len, hf_dtype)
             else:
-                probe = _open(plan, weights, dtype, dev, 1, max_context)
+                probe = _open(plan, weights, dtype, dev, 1, workloads)
                 row = per_row_bytes(probe, prompt_len, gen_len)
                 del probe
             for batch in _batches(plan.batch_spec, free, row, plan.max_batch, cpu=dev.type != "cuda"):
@@ -510,12 +509,12 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                     if target.is_hf:
                         r = bench_hf(weights, batch, prompt_len, gen_len, hf_dtype, str(dev))
                     else:
-                        model = _open(plan, weights, dtype, dev, batch, max_context)
+                        model = _open(plan, weights, dtype, dev, batch, workloads)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
                         if profile:
                             log.info("kernel profile of %s, batch %d:\n%s", label, batch,
                                      profile_kernels(model, batch, prompt_len, min(gen_len, 16)))
-                        r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{target.backend}")
+                        r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{model.backend}")
                         del model
                 except torch.OutOfMemoryError:
                     log.warning("%s: batch %d does not fit in GPU memory, skipped", target.spec, batch)

@@ -12,7 +12,12 @@ runtime owns.
 returns the graph's first output (`prefix_embeds` or `logits`), valid until the next call.
 
 `GraphEngine` backends (ONNX Runtime, TensorRT) only bind tensors by name and run
-(`_execute`); the PyTorch engine calls the step modules itself.
+(`execute`); the PyTorch engine calls the step modules itself.
+
+The order of steps (shared by the `Generator` and `blockrt verify`): a prefill of each prompt's
+blocks (`prefill_inputs`), then per block L token steps at `local_position(k)`, then one block
+step that folds the L new tokens into the block cache (a vanilla model: prefill, then one token
+per decode step). The reference `generate` sequences its steps on its own, on purpose.
 """
 
 from __future__ import annotations
@@ -22,14 +27,30 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from blockrt.exporter.cache import _write_rows
+from blockrt.backends import BACKENDS
+from blockrt.errors import UserError
+from blockrt.exporter.cache import write_rows
 from blockrt.graphs.manifest import GraphEntry, Manifest
 
 log = logging.getLogger(__name__)
 
 SPEC_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def prefill_inputs(prompts: list[list[int]], block_len: int, pad_token_id: int) -> tuple[list[list[int]], list[int]]:
+    """The prefill step's `input_ids` rows and `new_len` of ragged prompts: each prompt left-padded
+    with the pad id to a multiple of `block_len` (1 for vanilla models; docs/model.md), then all
+    right-padded to the longest; `new_len` counts each prompt's blocks (tokens)."""
+    padded = [[pad_token_id] * (-len(p) % block_len) + list(p) for p in prompts]
+    width = max(len(p) for p in padded)
+    return [p + [pad_token_id] * (width - len(p)) for p in padded], [len(p) // block_len for p in padded]
+
+
+def local_position(k: int) -> int:
+    """The token decoder's `past_len` at token step k of a block: step 0 feeds the two prefix
+    vectors at positions 0 and 1, step k > 0 feeds token k - 1 at position k + 1."""
+    return 0 if k == 0 else k + 1
 
 
 class Engine(ABC):
@@ -43,6 +64,11 @@ class Engine(ABC):
         self.output_name, self.output_dtype = first.name, SPEC_DTYPES[first.dtype]
         self.output_tail = tuple(first.shape[1:])  # static dims after batch
         self.concat = manifest.cache_io == "concat"
+        self.tokens_per_row = manifest.block_len if graph == "block_decoder" else 1
+
+    def new_rows(self, input_ids: torch.Tensor) -> int:
+        """Cache rows one call adds per sequence: blocks for block_decoder, tokens otherwise."""
+        return input_ids.shape[1] // self.tokens_per_row
 
     @abstractmethod
     def __call__(self, inputs: list[torch.Tensor], caches: list[torch.Tensor], attend_len: int | None = None) -> torch.Tensor:
@@ -60,10 +86,10 @@ class GraphEngine(Engine):
         if not self.concat:
             feeds.update(zip(self.cache_inputs, caches))
             outputs.update(zip(self.cache_outputs, caches))  # in place: present aliases past
-            self._execute(feeds, outputs)
+            self.execute(feeds, outputs)
             return output
         past_len = feeds["past_len"]
-        num_new = inputs[0].shape[1] // (self.manifest.block_len if self.name == "block_decoder" else 1)
+        num_new = self.new_rows(inputs[0])
         past = attend_len - num_new if attend_len is not None else int(past_len.max())
         feeds.update((name, c[:, :, :past]) for name, c in zip(self.cache_inputs, caches))
         if self.name != "token_decoder":
@@ -74,20 +100,28 @@ class GraphEngine(Engine):
         presents = [torch.empty(c.shape[0], c.shape[1], past + num_new, c.shape[3], dtype=c.dtype, device=self.device)
                     for c in caches]
         outputs.update(zip(self.cache_outputs, presents))
-        self._execute(feeds, outputs)
+        self.execute(feeds, outputs)
         for cache, present in zip(caches, presents):  # keep the runtime's static layout
-            _write_rows(cache, present[:, :, past:], past_len)
+            write_rows(cache, present[:, :, past:], past_len)
         return output
 
     @abstractmethod
-    def _execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    def execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run the graph reading `feeds` and writing into the preallocated `outputs` (by name)."""
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)} (or auto)")
     return backend
+
+
+def pick_backend(manifest: Manifest) -> str:
+    """The "auto" backend: TensorRT when engines were built and a GPU is here, else PyTorch on a
+    GPU, else ONNX Runtime."""
+    if torch.cuda.is_available():
+        return "tensorrt" if manifest.engines else "torch"
+    return "onnxruntime"
 
 
 def load_engines(manifest: Manifest, directory, backend: str, device: torch.device, **options) -> dict[str, Engine]:

@@ -4,7 +4,7 @@ A `Generator` owns every buffer of a fixed number of rows (`capacity`): the KV c
 sampling parameters and the per-row prefix (block models) or logits (vanilla models). Work goes
 in *rounds*; a round is one block: L token steps (sampling on the device after each), then one
 block step that folds the finished block into the block decoder's cache. A vanilla model's round
-is up to `vanilla_round` decode steps.
+is up to `VANILLA_ROUND` decode steps.
 
 - Sequences join between rounds (prefill of their prompt blocks on rows of their own) and leave
   between rounds (finished rows are compacted away), so finished sequences stop costing work and a
@@ -19,21 +19,24 @@ is up to `vanilla_round` decode steps.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
-import numpy as np
 import torch
 
-from blockrt.errors import UserError
-from blockrt.generation import GenerationConfig, SamplingState, _mix_seed, mark_seen, sample, to_device
+from blockrt.exporter.config import TORCH_DTYPES
+from blockrt.generation import (GenerationConfig, RequestLimits, SamplingState, check_request, mark_seen, sample,
+                                to_device)
 from blockrt.graphs.manifest import Manifest
 
-from blockrt.exporter.config import TORCH_DTYPES
+from .engine import Engine, local_position, prefill_inputs
 
-from .engine import Engine
+VANILLA_ROUND = 8  # decode steps per round of a vanilla model
+PIPELINE_DEPTH = 1  # rounds launched ahead of the one the host reads
 
 
 @dataclass
@@ -43,7 +46,6 @@ class Request:
     id: int
     prompt: list[int]  # as given (before block padding)
     config: GenerationConfig
-    seed: int
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     submitted_at: float = 0.0
@@ -79,16 +81,15 @@ def _batch_bucket(n: int, capacity: int) -> int:
 
 class Generator:
     def __init__(self, manifest: Manifest, engines: dict[str, Engine], capacity: int, device: torch.device,
-                 pad_rows: bool = False, pipeline_depth: int = 1, vanilla_round: int = 8,
-                 prefill_budget: int = 65536):
+                 pad_rows: bool = False, prefill_budget: int = 65536):
         self.manifest, self.engines, self.capacity, self.device = manifest, engines, capacity, device
         self.config = manifest.model_config
         self.block = manifest.kind == "block"
         self.L = manifest.block_len if self.block else 1
-        self.pad_rows, self.depth = pad_rows, pipeline_depth
+        self.pad_rows = pad_rows
         self.prefill_budget = prefill_budget  # prompt positions (blocks or tokens) per prefill call
-        self.timings: dict[str, list] | None = None  # name -> [(start, end) CUDA events], when profiling
-        self.round_tokens = self.L if self.block else vanilla_round
+        self._timings: dict[str, list] | None = None  # see record_timings
+        self.round_tokens = self.L if self.block else VANILLA_ROUND
         self.cache_len = manifest.limits.cache_len
         self.max_context = manifest.limits.max_context
         dtype = TORCH_DTYPES[manifest.dtype]
@@ -99,7 +100,7 @@ class Generator:
             tok = self.config.token_decoder
             self.token_caches = self._alloc(tok, self.L + 1, dtype)
             self.prefix = torch.zeros(C, 2, tok.hidden_size, dtype=dtype, device=device)
-            self.local_pos = [torch.full((C,), p, dtype=torch.long, device=device) for p in range(self.L + 1)]
+            self.local_pos = [torch.full((C,), local_position(k), dtype=torch.long, device=device) for k in range(self.L)]
             self.first_ids = torch.zeros(C, 2, dtype=torch.long, device=device)
         else:
             self.logits = torch.zeros(C, self.config.vocab_size, dtype=torch.float32, device=device)
@@ -107,6 +108,8 @@ class Generator:
         self.generated = torch.zeros(C, dtype=torch.long, device=device)  # sampling stream position
         self.ones = torch.ones(C, dtype=torch.long, device=device)
         self.sampling = SamplingState(C, self.config.vocab_size, device, stop_width=8)
+        self.limits = RequestLimits(self.config.vocab_size, self.L, self.max_context, self.config.eos_token_id,
+                                    stop_slots=self.sampling.stop_ids.shape[1], positions=manifest.positions)
         self.rows: list[Request] = []  # live rows 0..n-1
         self.row_past: list[int] = []  # host mirror of self.past for live rows
         self.row_launched: list[int] = []  # tokens launched per live row
@@ -119,36 +122,11 @@ class Generator:
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * stack.num_layers)]
 
     # ---------------------------------------------------------------- requests
-    def add(self, prompt: list[int], config: GenerationConfig, seed: int | None = None) -> Request:
-        """Queue a sequence; it joins at the next round. `seed` is the row's random stream (default:
-        from config.seed). Bad input raises UserError and changes nothing."""
-        vocab = self.config.vocab_size
-        ids = np.asarray(prompt)  # vectorised checks: prompts can be thousands of tokens
-        if ids.size == 0:
-            raise UserError("empty prompt: every prompt needs at least one token id")
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise UserError(f"a prompt must be a flat list of integer token ids, got {str(prompt)[:60]}")
-        if ids.min() < 0 or ids.max() >= vocab:
-            bad = ids[(ids < 0) | (ids >= vocab)][:5].tolist()
-            raise UserError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad}")
-        try:
-            config.validate(vocab)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if config.positions not in (None, self.manifest.positions):
-            raise UserError(f"positions {config.positions!r} asked for, but this model's token decoder uses "
-                            f"{self.manifest.positions!r} positions (fixed at export): re-export with "
-                            f"--positions {config.positions}, or leave positions unset")
-        padded = len(prompt) + (-len(prompt) % self.L)
-        if padded + config.max_new_tokens > self.max_context:
-            raise UserError(f"prompt of {len(prompt)} tokens (padded to {padded}) + max_new_tokens "
-                            f"{config.max_new_tokens} exceeds the artifact's max context of {self.max_context} "
-                            f"tokens: shorten the prompt, lower max_new_tokens or re-export with a larger --max-context")
-        if len(config.stop_ids(self.config.eos_token_id)) > self.sampling.stop_ids.shape[1]:
-            raise UserError(f"at most {self.sampling.stop_ids.shape[1] - 1} stop token ids are supported")
-        seed = seed if seed is not None else _mix_seed(config.seed, 0)
-        request = Request(next(self._ids), ids.tolist(), config, seed,
-                          submitted_at=time.perf_counter())
+    def add(self, prompt: list[int], config: GenerationConfig) -> Request:
+        """Queue a sequence; it joins at the next round. A request that `check_request` refuses
+        raises RequestError (a UserError naming the field) and changes nothing."""
+        ids = check_request(prompt, config, self.limits)
+        request = Request(next(self._ids), ids, config, submitted_at=time.perf_counter())
         self.queue.append(request)
         return request
 
@@ -163,6 +141,28 @@ class Generator:
     def has_work(self) -> bool:
         return bool(self.queue or self.inflight or any(not r.finished for r in self.rows))
 
+    @property
+    def waiting(self) -> list[Request]:
+        """Queued requests that have no row yet (cancelled ones excluded)."""
+        return [r for r in self.queue if not r.finished]
+
+    @property
+    def running(self) -> int:
+        """Rows generating now."""
+        return sum(1 for r in self.rows if not r.finished)
+
+    @contextlib.contextmanager
+    def record_timings(self) -> Iterator[dict[str, list]]:
+        """Within the block, bracket the device work of every engine step and of sampling with CUDA
+        events: yields name -> [(start, end) events], filled as rounds run (read the times after a
+        synchronize). On CPU nothing is recorded and the dict stays empty."""
+        timings: dict[str, list] = {}
+        self._timings = timings if self.device.type == "cuda" else None
+        try:
+            yield timings
+        finally:
+            self._timings = None
+
     def reset(self) -> None:
         """Forget every request (after an error); the buffers stay allocated."""
         for r in itertools.chain(self.rows, self.queue):
@@ -175,12 +175,12 @@ class Generator:
     # ---------------------------------------------------------------- the loop
     def step(self) -> list[TokenEvent]:
         """Admit waiting sequences, launch one round, and return the tokens of the oldest round
-        whose results are ready (rounds run `pipeline_depth` ahead of the host)."""
+        whose results are ready (rounds run `PIPELINE_DEPTH` ahead of the host)."""
         self._compact()
         self._admit()
         launched = self._launch_round()
         events: list[TokenEvent] = []
-        while len(self.inflight) > self.depth or (self.inflight and not launched):
+        while len(self.inflight) > PIPELINE_DEPTH or (self.inflight and not launched):
             events += self._collect(self.inflight.popleft())
         return events
 
@@ -225,15 +225,11 @@ class Generator:
     def _prefill(self, joining: list[Request]) -> None:
         start, k = len(self.rows), len(joining)
         rows = list(range(start, start + k))
-        pad = self.config.pad_token_id
-        prompts = [[pad] * (-len(r.prompt) % self.L) + r.prompt for r in joining]
-        units = [len(p) // self.L for p in prompts]  # blocks (tokens for vanilla) per prompt
-        width = max(len(p) for p in prompts)
-        ids = to_device([p + [pad] * (width - len(p)) for p in prompts], torch.long, self.device)
+        padded, units = prefill_inputs([r.prompt for r in joining], self.L, self.config.pad_token_id)
+        ids = to_device(padded, torch.long, self.device)
         new_len = to_device(units, torch.long, self.device)
         zero = torch.zeros(k, dtype=torch.long, device=self.device)
-        self.sampling.assign(rows, [r.config for r in joining], [r.prompt for r in joining],
-                             self.config.eos_token_id, seeds=[r.seed for r in joining])
+        self.sampling.assign(rows, [r.config for r in joining], [r.prompt for r in joining], self.config.eos_token_id)
         self.past[start:start + k] = new_len
         self.generated[start:start + k] = 0
         caches = [c[start:start + k] for c in self.caches]
@@ -249,13 +245,13 @@ class Generator:
 
     def _timed(self, name: str, fn, *args, **kwargs):
         """Call fn; when profiling, bracket its device work with CUDA events under `name`."""
-        if self.timings is None:
+        if self._timings is None:
             return fn(*args, **kwargs)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = fn(*args, **kwargs)
         end.record()
-        self.timings.setdefault(name, []).append((start, end))
+        self._timings.setdefault(name, []).append((start, end))
         return out
 
     def _launch_round(self) -> bool:
@@ -275,7 +271,7 @@ class Generator:
             prefix = self.prefix[:n]
             ids = self.first_ids[:n]  # positions 0 and 1 read the prefix
             for k in range(count):
-                position = self.local_pos[0 if k == 0 else k + 1][:n]
+                position = self.local_pos[k][:n]
                 logits = self._timed("token_decoder", self.engines["token_decoder"], [ids, prefix, position], caches)
                 token = self._timed("sampling", sample, logits, state, generated)
                 mark_seen(state, token)

@@ -7,7 +7,9 @@
         print(r.token_ids, r.finish_reason)
 
 Block and vanilla artifacts work the same. More prompts than `max_batch` are queued and run as
-rows free up (continuous batching); each prompt's output is independent of its neighbours.
+rows free up (continuous batching); each prompt's output is independent of its neighbours. Seeds
+are per request (see `blockrt.generation`): pass one `GenerationConfig` per prompt to give prompts
+of one call different seeds.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Iterator, Sequence, Union
 import torch
 
 from blockrt.errors import UserError
-from blockrt.generation import POSITIONS, GenerationConfig, _mix_seed
+from blockrt.generation import POSITIONS, GenerationConfig
 from blockrt.graphs.contract import graph_io, graph_names
 from blockrt.graphs.manifest import FileEntry, GraphEntry, Limits, Manifest
+from blockrt.tokenizer import load_tokenizer
 
-from .engine import check_backend, load_engines
+from .engine import check_backend, load_engines, pick_backend
 from .generator import Generator, Request
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,8 @@ class StreamChunk:
 
 class Model:
     def __init__(self, manifest: Manifest, engines: dict, device: torch.device, max_batch: int,
-                 directory: Path | None = None, tokenizer=None, pad_rows: bool = False):
-        self.manifest, self.engines, self.device = manifest, engines, device
+                 directory: Path | None = None, tokenizer=None, pad_rows: bool = False, backend: str = "torch"):
+        self.manifest, self.engines, self.device, self.backend = manifest, engines, device, backend
         self.max_batch, self.directory, self.tokenizer = max_batch, directory, tokenizer
         self.config = manifest.model_config
         self._pad_rows = pad_rows
@@ -64,27 +67,31 @@ class Model:
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
              max_batch: int | None = None, cuda_graphs: bool = True, verify_files: bool = True) -> "Model":
-        """Open an artifact directory written by `blockrt export` (and `blockrt build` for TensorRT)."""
-        check_backend(backend)
+        """Open an artifact directory written by `blockrt export` (and `blockrt build` for TensorRT).
+        `backend`: "torch", "onnxruntime", "tensorrt", or "auto" (`pick_backend`; `model.backend`
+        says which)."""
+        if backend != "auto":
+            check_backend(backend)
         directory = Path(artifact_dir)
         manifest = Manifest.load(directory, verify_hashes=verify_files)
+        if backend == "auto":
+            backend = pick_backend(manifest)
         dev = _pick_device(backend, device)
         max_batch = _check_batch(max_batch, manifest)
         engines = load_engines(manifest, directory, backend, dev, **({"cuda_graphs": cuda_graphs} if backend == "torch" else {}))
-        tokenizer = None
-        if manifest.tokenizer:
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer))
+        tokenizer = load_tokenizer(directory / manifest.tokenizer, "the artifact's tokenizer") if manifest.tokenizer else None
         return cls(manifest, engines, dev, max_batch, directory, tokenizer,
-                   pad_rows=backend == "torch" and dev.type == "cuda" and cuda_graphs)
+                   pad_rows=backend == "torch" and dev.type == "cuda" and cuda_graphs, backend=backend)
 
     @classmethod
     def from_torch(cls, model: torch.nn.Module, *, dtype: str = "bf16", max_batch: int = 8, max_context: int = 2048,
                    device: str | None = None, cuda_graphs: bool = True, tokenizer=None,
                    positions: str = "forward") -> "Model":
         """Run a PyTorch model (e.g. a preset with random weights) on the PyTorch engine without
-        exporting it first: what `blockrt bench --preset` uses. `positions` as in `export`."""
+        exporting it first: what `blockrt bench PRESET` uses. `positions` as in `export`. `model` is
+        not changed: the engine builds modules of its own that use its tensors (the very same
+        tensors where dtype and device already match, so no memory is copied; cast copies
+        otherwise)."""
         from .torch_engine import load_torch_engines
 
         manifest = describe(model.config, dtype=dtype, cache_io="inplace", max_batch=max_batch, max_context=max_context,
@@ -100,7 +107,9 @@ class Model:
             self._generator = Generator(self.manifest, self.engines, self.max_batch, self.device, pad_rows=self._pad_rows)
         return self._generator
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None) -> list[GenerationResult]:
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[GenerationResult]:
+        """Generate for every prompt (text or token ids); `config` is one for all, or one per prompt."""
         requests, ids = self._submit(prompts, config)
         try:
             gen = self.generator()
@@ -111,8 +120,9 @@ class Model:
             raise
         return [self._result(r, p) for r, p in zip(requests, ids)]
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None) -> Iterator[StreamChunk]:
-        """Yield new tokens of each prompt as its blocks complete."""
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> Iterator[StreamChunk]:
+        """Yield new tokens of each prompt as its blocks complete (`config` as for `generate`)."""
         requests, _ = self._submit(prompts, config)
         index = {r.id: i for i, r in enumerate(requests)}
         gen = self.generator()
@@ -126,16 +136,22 @@ class Model:
             raise
 
     def _submit(self, prompts, config) -> tuple[list[Request], list[list[int]]]:
-        config = config or GenerationConfig()
         batch = self._normalize(prompts)
+        if config is None or isinstance(config, GenerationConfig):
+            configs = [config or GenerationConfig()] * len(batch)
+        else:
+            configs = list(config)
+            if len(configs) != len(batch) or not all(isinstance(c, GenerationConfig) for c in configs):
+                raise UserError(f"config must be one GenerationConfig or one per prompt ({len(batch)}), "
+                                f"got {len(configs)} item(s)")
         gen = self.generator()
         if gen.has_work:
             raise UserError("this model is busy with another generate/stream call; finish it first "
                             "(or use model.generator() directly for concurrent requests)")
         requests = []
         try:
-            for i, ids in enumerate(batch):
-                requests.append(gen.add(ids, config, seed=_mix_seed(config.seed, i)))
+            for i, (ids, c) in enumerate(zip(batch, configs)):
+                requests.append(gen.add(ids, c))
         except UserError as e:
             for r in requests:
                 gen.cancel(r)

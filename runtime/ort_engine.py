@@ -21,7 +21,7 @@ NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64
 
 
 class OrtEngine(GraphEngine):
-    def __init__(self, manifest: Manifest, directory, graph: str, device: torch.device, threads: int = 0):
+    def __init__(self, manifest: Manifest, directory, graph: str, device: torch.device):
         super().__init__(manifest, graph, device)
         import onnxruntime as ort
 
@@ -36,15 +36,13 @@ class OrtEngine(GraphEngine):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         path = Path(directory) / manifest.graphs[graph].file.path
         log.info("loading %s with onnxruntime %s (%s)", path.name, ort.__version__, providers[0] if isinstance(providers[0], str) else providers[0][0])
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
 
-    def _execute(self, feeds, outputs):
+    def execute(self, feeds, outputs):
         binding = self.session.io_binding()
         for name, t in feeds.items():
             t = t.contiguous()

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from blockrt.exporter.config import TORCH_DTYPES
-from blockrt.exporter.model import Attention
+from blockrt.exporter.model import Attention, build_model
 from blockrt.exporter.steps import step_modules
-from blockrt.graphs.manifest import WEIGHTS_NAME, Manifest
+from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
 from .engine import Engine
 
@@ -38,7 +38,7 @@ class TorchEngine(Engine):
     @torch.no_grad()
     def __call__(self, inputs, caches, attend_len=None):
         cache_len = caches[0].shape[2]
-        num_new = inputs[0].shape[1] // (self.manifest.block_len if self.name == "block_decoder" else 1)
+        num_new = self.new_rows(inputs[0])
         if attend_len is not None and attend_len != num_new:  # not a prefill: round up to a bucket
             attend_len = min(cache_len, math.ceil(attend_len / self.attend_bucket) * self.attend_bucket)
         if attend_len == cache_len:
@@ -74,16 +74,17 @@ class TorchEngine(Engine):
 
 def load_torch_engines(manifest: Manifest, directory, device: torch.device, model: torch.nn.Module | None = None,
                        cuda_graphs: bool = True, attend_bucket: int = 64) -> dict[str, TorchEngine]:
-    """Engines for every graph of the artifact, from its saved weights (or a given model)."""
+    """Engines for every graph of the artifact, from its saved weights, or from the tensors of a
+    given model (which is not changed; see `_own_model`)."""
     if model is None:
         from blockrt.exporter.checkpoint import load_checkpoint
 
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the PyTorch backend needs the weights that "
-                                    f"`blockrt export` saves beside the graphs; re-export the model")
+            raise ArtifactError(f"{path} not found: the PyTorch backend needs the weights that "
+                                f"`blockrt export` saves beside the graphs; re-export the model")
         model = load_checkpoint(path, config=manifest.model_config, dtype=manifest.dtype)
-    model = model.to(device=device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
+    model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
     for module in model.modules():
         if isinstance(module, Attention):
             module.decode_math = True
@@ -91,3 +92,15 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     return {name: TorchEngine(manifest, name, step, device, cuda_graphs, attend_bucket, pool)
             for name, step in steps.items()}
+
+
+def _own_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A module of the engine's own (the engine sets attention flags on it) holding `model`'s
+    tensors on `device` in `dtype`: the very same tensors where they already match, so no memory
+    is copied, and cast copies where not. `model` itself is never changed."""
+    with torch.device("meta"):
+        own = build_model(model.config)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+             for k, v in model.state_dict().items()}
+    own.load_state_dict(state, assign=True, strict=True)
+    return own.eval()

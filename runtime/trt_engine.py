@@ -42,7 +42,7 @@ class TensorRTEngine(GraphEngine):
         self.context = self.engine.create_execution_context()
         log.info("loaded engine %s (%s %s)", entry.file.path, entry.library, entry.library_version)
 
-    def _execute(self, feeds, outputs):
+    def execute(self, feeds, outputs):
         ctx = self.context
         for name, t in feeds.items():
             t = t.contiguous()

@@ -12,11 +12,12 @@ import importlib
 from types import ModuleType
 from typing import NamedTuple
 
+from blockrt.backends import TENSORRT_LIBRARIES
 from blockrt.errors import MissingDependencyError, UserError
 
 # library name (as recorded in manifests and given to --backend) -> Python module, pip extra
-LIBRARIES = {"tensorrt": ("tensorrt", "trt"), "tensorrt-rtx": ("tensorrt_rtx_bindings", "rtx")}
-BACKENDS = ("auto", *LIBRARIES)
+LIBRARIES = dict(zip(TENSORRT_LIBRARIES, [("tensorrt", "trt"), ("tensorrt_rtx_bindings", "rtx")]))
+LIBRARY_CHOICES = ("auto", *LIBRARIES)
 PORTABLE = "portable"
 
 
@@ -34,8 +35,8 @@ class TrtLib(NamedTuple):
 def load_trt(backend: str = "auto") -> TrtLib:
     """Import TensorRT: `backend` "tensorrt", "tensorrt-rtx", or "auto" (TensorRT if installed,
     else TensorRT-RTX). A missing library is a MissingDependencyError saying what to install."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown TensorRT backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in LIBRARY_CHOICES:
+        raise UserError(f"unknown TensorRT backend {backend!r}: expected one of {', '.join(LIBRARY_CHOICES)}")
     names = list(LIBRARIES) if backend == "auto" else [backend]
     reasons = []
     for name in names:

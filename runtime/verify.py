@@ -28,21 +28,21 @@ from pathlib import Path
 
 import torch
 
+from blockrt.backends import GRAPH_BACKENDS
 from blockrt.errors import MissingDependencyError, UserError
 from blockrt.exporter.checkpoint import load_checkpoint
-from blockrt.exporter.generate import _right_pad, check_prompts, generate, pad_to_block
+from blockrt.exporter.generate import generate
 from blockrt.exporter.steps import step_modules
-from blockrt.generation import GenerationConfig
+from blockrt.generation import GenerationConfig, RequestError, check_prompt
 from blockrt.graphs.checks import check_graph
 from blockrt.graphs.consistency import check_files
 from blockrt.graphs.contract import ONNX_DTYPE_NAMES
 from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
-from .engine import SPEC_DTYPES, load_engines
+from .engine import SPEC_DTYPES, load_engines, local_position, prefill_inputs
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt")
 FILES = "files"  # the backend column of the file-hash checks
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 TOKENS_REQUIRED = {"fp32": True, "fp16": True, "bf16": False}
@@ -104,11 +104,12 @@ class VerifyReport:
 
 def verify(artifact_dir, *, backends=("onnxruntime",), prompts: list[list[int]] | None = None, gen_tokens: int = 128,
            checkpoint=None) -> VerifyReport:
-    """Verify an artifact on `backends` ("onnxruntime", "tensorrt"); see the module docstring.
+    """Verify an artifact on `backends` (of GRAPH_BACKENDS: the PyTorch backend runs the reference's
+    own step modules, so there is no graph to check); see the module docstring.
     `prompts`: token-id lists (default: seeded random prompts of unaligned lengths)."""
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in GRAPH_BACKENDS]
     if unknown or not backends:
-        raise UserError(f"unknown backend(s) {unknown or backends}: expected some of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend(s) {unknown or backends}: expected some of {', '.join(GRAPH_BACKENDS)}")
     if not isinstance(gen_tokens, int) or gen_tokens < 1:
         raise UserError(f"gen_tokens must be an integer >= 1, got {gen_tokens!r}")
     directory = Path(artifact_dir)
@@ -179,16 +180,20 @@ def _prompts(manifest: Manifest, prompts) -> list[list[int]]:
     if prompts is None:
         gen = torch.Generator().manual_seed(1234)
         return [torch.randint(0, manifest.vocab_size, (n,), generator=gen).tolist() for n in DEFAULT_PROMPT_LENGTHS]
-    try:
-        check_prompts(prompts, manifest.vocab_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return [list(p) for p in prompts]
+    if not prompts:
+        raise UserError("no prompts given: pass at least one prompt of token ids")
+    checked = []
+    for i, p in enumerate(prompts):
+        try:
+            checked.append(check_prompt(p, manifest.vocab_size))
+        except RequestError as e:
+            raise UserError(f"prompt {i}: {e}") from None
+    return checked
 
 
 def _fit_generation(manifest: Manifest, prompts, gen_tokens: int, report: VerifyReport) -> int:
     """Generation must fit the artifact's context: (block-padded) prompt + new tokens <= max_context."""
-    longest = max(len(pad_to_block(p, manifest.block_len, manifest.pad_token_id)) for p in prompts)
+    longest = len(prefill_inputs(prompts, manifest.block_len, manifest.pad_token_id)[0][0])
     room = manifest.limits.max_context - longest
     if room < 1:
         raise UserError(f"a prompt of {longest} tokens leaves no room to generate within the artifact's max "
@@ -237,7 +242,7 @@ class _Pair:
         cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         reference = self.steps[graph](*[cast[t.name].to(inputs[t.name].dtype) for t in entry.inputs])
         feeds = {k: v.to(self.device) for k, v in cast.items()}
-        num_new = inputs["input_ids"].shape[1] // (self.manifest.block_len if graph == "block_decoder" else 1)
+        num_new = self.engines[graph].new_rows(inputs["input_ids"])
         past = next(v for k, v in inputs.items() if k.startswith("past_key_values."))
         sizes = {"batch": inputs["input_ids"].shape[0], "total": past.shape[2] + num_new}
         outputs = {}
@@ -249,7 +254,7 @@ class _Pair:
             else:
                 shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
                 outputs[spec.name] = torch.empty(shape, dtype=SPEC_DTYPES[spec.dtype], device=self.device)
-        self.engines[graph]._execute(feeds, outputs)
+        self.engines[graph].execute(feeds, outputs)
         got = [outputs[t.name] for t in entry.outputs]
         self._add(stage, entry.outputs[0].name, got[:1], reference[:1])
         self._add(stage, f"present.* ({len(got) - 1})", got[1:], reference[1:])
@@ -295,9 +300,7 @@ def _as_caches(manifest: Manifest, graph: str, presents: list[torch.Tensor]) -> 
 def _block_steps(pair: _Pair, manifest: Manifest, prompts) -> None:
     L, B = manifest.block_len, len(prompts)
     concat = manifest.cache_io == "concat"
-    padded = [pad_to_block(p, L, manifest.pad_token_id) for p in prompts]
-    blocks = torch.tensor([len(p) // L for p in padded])
-    ids = _right_pad(padded, manifest.pad_token_id, "cpu")
+    ids, blocks = map(torch.tensor, prefill_inputs(prompts, L, manifest.pad_token_id))
     zero = torch.zeros(B, dtype=torch.long)
     inputs = {"input_ids": ids, "past_len": zero, "new_len": blocks, **_empty_caches(manifest, "block_decoder", B)}
     key_mask = (torch.arange(ids.shape[1] // L)[None] < blocks[:, None]).long()  # concat: valid rows
@@ -306,12 +309,13 @@ def _block_steps(pair: _Pair, manifest: Manifest, prompts) -> None:
     prefix, *block_caches = pair.run("block_decoder", "block_decoder prefill", inputs)
 
     token_caches = _empty_caches(manifest, "token_decoder", B)
-    ids, local, new_block = torch.zeros(B, 2, dtype=torch.long), zero, []
-    for _ in range(L):  # the first step feeds the two prefix positions, then one token at a time
+    ids, new_block = torch.zeros(B, 2, dtype=torch.long), []
+    for k in range(L):  # the first step feeds the two prefix positions, then one token at a time
+        local = torch.full((B,), local_position(k), dtype=torch.long)
         inputs = {"input_ids": ids, "prefix_embeds": prefix, "past_len": local, **token_caches}
         logits, *presents = pair.run("token_decoder", "token_decoder steps", inputs)
         token_caches = _as_caches(manifest, "token_decoder", presents)
-        local, ids = local + ids.shape[1], logits.argmax(-1)[:, None]
+        ids = logits.argmax(-1)[:, None]
         new_block.append(ids[:, 0])
 
     inputs = {"input_ids": torch.stack(new_block, dim=1), "past_len": blocks, "new_len": torch.ones_like(blocks),
@@ -323,9 +327,8 @@ def _block_steps(pair: _Pair, manifest: Manifest, prompts) -> None:
 
 def _vanilla_steps(pair: _Pair, manifest: Manifest, prompts) -> None:
     B = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = _right_pad(prompts, manifest.pad_token_id, "cpu")
-    past, new = torch.zeros(B, dtype=torch.long), lengths
+    ids, new = map(torch.tensor, prefill_inputs(prompts, 1, manifest.pad_token_id))
+    past = torch.zeros(B, dtype=torch.long)
     caches = _empty_caches(manifest, "decoder", B)
     key_mask = torch.zeros(B, 0, dtype=torch.long)
     for i in range(1 + DECODE_STEPS):

@@ -64,3 +64,22 @@ def blockrt_cli(monkeypatch, capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_file(tmp_path_factory) -> Path:
+    """A real tokenizer.json: a byte-level BPE trained here with the `tokenizers` library on a small
+    corpus, 300 ids (inside the tiny presets' vocabulary of 512), id 0 = <|endoftext|> (EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["the cat sat on the mat", "a dog ran after the cat", "block transformers decode blocks of tokens",
+              "the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    tok.save(str(path))
+    return path

@@ -112,3 +112,66 @@ def test_json_has_null_where_a_value_is_not_a_finite_number():
     data = bench.to_json([], Hardware("cpu", float("nan"), None), [{"ttft_ratio": float("inf")}])
     text = json.dumps(data, allow_nan=False)
     assert _strict_json(text)["hardware"]["copy_bandwidth_gbs"] is None and '"ttft_ratio": null' in text
+
+
+# ------------------------------------------------------------- one tiny run: metrics and engine label
+
+TINY = ("--workload", "custom", "--prompt-len", "6", "--gen-len", "9", "--device", "cpu", "--dtype", "fp32")
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    """(stdout JSON, --out file JSON) of one bench of tiny_block (batches 1 and 2, --backend
+    onnxruntime, which a preset ignores) against tiny_vanilla (batch 2)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = subprocess.run([sys.executable, "-c", "from blockrt.cli import main; main()", "-q", "bench", "tiny_block",
+                           *TINY, "--batch", "1,2", "--against", "tiny_vanilla", "--against-batch", "2", "--backend",
+                           "onnxruntime", "--json", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return _strict_json(proc.stdout), _strict_json(out.read_text())
+
+
+def test_bench_json_has_one_result_per_model_and_batch_with_consistent_metrics(bench_json):
+    data, saved = bench_json
+    assert data == saved
+    assert set(data) == {"environment", "hardware", "results", "ratios"} and data["environment"]["torch"]
+    rows = [(r["name"], r["kind"], r["batch"], r["prompt_len"], r["gen_len"], r["dtype"], r["workload"])
+            for r in data["results"]]
+    assert rows == [("tiny_block", "block", 1, 6, 9, "fp32", "custom"), ("tiny_block", "block", 2, 6, 9, "fp32", "custom"),
+                    ("tiny_vanilla", "vanilla", 2, 6, 9, "fp32", "custom")]
+    for r in data["results"]:
+        assert r["wall_s"] > 0 and r["ttft_s"] > 0
+        assert r["output_tok_s"] == pytest.approx(r["batch"] * r["gen_len"] / r["wall_s"])
+        assert r["total_tok_s"] == pytest.approx(r["batch"] * (r["prompt_len"] + r["gen_len"]) / r["wall_s"])
+        assert r["tpot_ms"] == pytest.approx(1e3 * max(r["wall_s"] - r["ttft_s"], 0) / (r["gen_len"] - 1))
+        assert r["peak_mem_gib"] is None and r["steps"] == {}  # CPU: no CUDA memory stats or events
+
+
+def test_bench_labels_the_engine_that_ran_not_the_flag_that_presets_ignore(bench_json):
+    data, _ = bench_json
+    assert {r["engine"] for r in data["results"]} == {"blockrt-torch"}  # presets run on the PyTorch engine
+
+
+def test_bench_compares_the_best_batch_of_the_model_with_each_baseline(bench_json):
+    data, _ = bench_json
+    best = {name: max((r for r in data["results"] if r["name"] == name), key=lambda r: r["output_tok_s"])
+            for name in ("tiny_block", "tiny_vanilla")}
+    [ratio] = data["ratios"]
+    assert (ratio["model"], ratio["against"], ratio["workload"]) == ("tiny_block", "tiny_vanilla", "custom")
+    assert (ratio["model_batch"], ratio["against_batch"]) == (best["tiny_block"]["batch"], best["tiny_vanilla"]["batch"])
+    assert ratio["output_tok_s_ratio"] == pytest.approx(best["tiny_block"]["output_tok_s"] / best["tiny_vanilla"]["output_tok_s"])
+
+
+def test_bench_of_an_artifact_prints_a_table_naming_its_engine(exported, blockrt_cli):
+    artifact = exported("tiny_vanilla")
+    code, out, err = blockrt_cli("-q", "bench", str(artifact), *TINY, "--batch", "2", "--backend", "onnxruntime")
+    assert code == 0, err
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    header = [c.strip() for c in lines[at].split("|")]
+    assert header[:6] == ["model", "engine", "dtype", "batch", "prompt", "gen"]
+    [row] = [[c.strip() for c in line.split("|")] for line in lines[at + 2:] if "|" in line]
+    assert row[0].startswith(str(artifact)) and row[1:6] == ["blockrt-onnxruntime", "fp32", "2", "6", "9"]

@@ -101,8 +101,8 @@ def test_graphs_over_the_size_threshold_keep_weights_in_hashed_external_data(tmp
         Manifest.load(tmp_path / "art")
 
 
-def test_tokenizer_is_copied_into_the_artifact_with_its_hash(tmp_path):
-    tok = _word_tokenizer(tmp_path / "tokenizer.json", 100)
+def test_tokenizer_is_copied_into_the_artifact_with_its_hash(tmp_path, bpe_tokenizer_file):
+    tok = bpe_tokenizer_file
     manifest = export("tiny_vanilla", tmp_path / "art", max_batch=1, max_context=8, tokenizer=tok)
     assert manifest.tokenizer == "tokenizer.json"
     assert (tmp_path / "art" / "tokenizer.json").read_bytes() == tok.read_bytes()
@@ -122,6 +122,14 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_refused_with_the_count(t
     tok = _word_tokenizer(tmp_path / "tokenizer.json", 600)  # tiny presets have 512 ids
     with pytest.raises(UserError, match=r"has 600 tokens, but the model's vocabulary has 512: ids 512..599 \(88 tokens\)"):
         export("tiny_vanilla", tmp_path / "art", max_batch=1, max_context=8, tokenizer=tok)
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_tokenizer_json_that_tokenizers_cannot_load_is_refused_at_export(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))  # no vocab, no merges
+    with pytest.raises(UserError, match=f"--tokenizer {bad}: not a readable Hugging Face tokenizer.json"):
+        export("tiny_vanilla", tmp_path / "art", max_batch=1, max_context=8, tokenizer=bad)
     assert not (tmp_path / "art").exists()
 
 

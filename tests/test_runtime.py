@@ -59,6 +59,29 @@ def test_seeded_sampling_is_reproducible_and_equals_the_reference_draws(exported
     assert first == reference_tokens(artifact, RAGGED, SAMPLED)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_seeded_prompt_samples_the_same_tokens_alone_and_at_position_3_of_a_batch(exported, backend):
+    artifact = exported("tiny_block")
+    model = Model.load(artifact, backend=backend)
+    prompt, others = [7, 8, 9, 10, 11], [[1, 2], list(range(30, 43)), [5]]
+    alone = model.generate([prompt], SAMPLED)[0].token_ids
+    batched = model.generate(others + [prompt], SAMPLED)  # position 3, among prompts of other lengths
+    assert batched[3].token_ids == alone
+    assert alone == reference_tokens(artifact, others + [prompt], SAMPLED)[3]  # the reference follows the rule too
+    assert alone != model.generate([prompt], GenerationConfig(**{**SAMPLED.__dict__, "seed": 8}))[0].token_ids
+
+
+def test_one_config_per_prompt_gives_each_prompt_its_own_seed(exported):
+    model = Model.load(exported("tiny_block"), backend="onnxruntime")
+    prompt = [7, 8, 9]
+    configs = [GenerationConfig(**{**SAMPLED.__dict__, "seed": s}) for s in (1, 2, 1)]
+    got = [r.token_ids for r in model.generate([prompt] * 3, configs)]
+    assert got[0] == got[2] != got[1]
+    assert got[1] == model.generate([prompt], configs[1])[0].token_ids
+    with pytest.raises(UserError, match="one per prompt"):
+        model.generate([prompt] * 3, configs[:2])
+
+
 @pytest.mark.parametrize("preset", ["tiny_block", "tiny_vanilla"])
 def test_stream_yields_exactly_the_tokens_of_generate(exported, preset):
     model = Model.load(exported(preset), backend="onnxruntime")
@@ -108,7 +131,7 @@ def test_max_new_tokens_that_is_not_a_multiple_of_the_block_length_is_exact(expo
     ([[]], GenerationConfig(), "empty prompt"),
     ([[1, 2, 512]], GenerationConfig(), "outside the vocabulary"),
     ([[1, -1]], GenerationConfig(), "outside the vocabulary"),
-    ([list(range(1, 150))], GenerationConfig(max_new_tokens=32), "exceeds the artifact's max context of 160"),
+    ([list(range(1, 150))], GenerationConfig(max_new_tokens=32), "exceeds the max context of 160 tokens"),
     ([[1, 2]], GenerationConfig(temperature=-1.0), "temperature must be >= 0"),
     ([[1, 2]], GenerationConfig(top_p=0.0), "top_p must be in (0, 1]"),
     ([[1, 2]], GenerationConfig(top_k=-3), "top_k must be an integer >= 0"),
@@ -191,3 +214,83 @@ def test_bf16_torch_engine_tokens_are_top_choices_of_the_fp32_reference(preset):
     from bf16_check import assert_bf16_tokens_are_reference_top_choices
 
     assert_bf16_tokens_are_reference_top_choices(preset, "cpu")
+
+
+# ------------------------------------------------------------------------- library, not CLI logic
+
+def test_auto_backend_picks_onnxruntime_without_a_gpu_and_says_so(exported, blockrt_cli, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, auto picks tensorrt or torch")
+    artifact = exported("tiny_block")
+    assert Model.load(artifact, backend="auto").backend == "onnxruntime"
+    caplog.set_level("INFO", logger="blockrt.run")
+    code, out, err = blockrt_cli("run", str(artifact), "--backend", "auto", "--prompt-ids", "4,5,6",
+                                 "--max-new-tokens", "9", "--ignore-eos", "--json")
+    assert code == 0, err
+    config = GenerationConfig(max_new_tokens=9, ignore_eos=True)
+    assert [r["token_ids"] for r in json.loads(out)] == reference_tokens(artifact, [[4, 5, 6]], config)
+    assert "on onnxruntime (cpu)" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tokenized_artifact(tmp_path_factory, bpe_tokenizer_file):
+    from blockrt.exporter.export import export
+
+    artifact = tmp_path_factory.mktemp("tokenized") / "tiny_block"
+    export("tiny_block", artifact, max_batch=2, max_context=64, tokenizer=bpe_tokenizer_file)
+    return artifact
+
+
+def test_an_artifact_tokenizer_encodes_text_prompts_and_decodes_the_output(tokenized_artifact, bpe_tokenizer_file):
+    from tokenizers import Tokenizer
+
+    model = Model.load(tokenized_artifact, backend="onnxruntime")
+    tok = Tokenizer.from_file(str(bpe_tokenizer_file))
+    text = "the cat sat on the mat"
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    result = model.generate(text, config)[0]
+    assert result.prompt_ids == tok.encode(text).ids and len(result.prompt_ids) > 1
+    assert result.token_ids == model.generate([tok.encode(text).ids], config)[0].token_ids
+    assert result.text == tok.decode(result.token_ids)
+
+
+def test_an_artifact_whose_tokenizer_json_is_broken_is_a_user_error_naming_the_file(tokenized_artifact, tmp_path):
+    import shutil
+
+    artifact = tmp_path / "broken"
+    shutil.copytree(tokenized_artifact, artifact)
+    (artifact / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    with pytest.raises(UserError, match=r"the artifact's tokenizer .*tokenizer.json: not a readable"):
+        Model.load(artifact, backend="onnxruntime", verify_files=False)
+
+
+def test_from_torch_leaves_the_callers_model_unchanged_and_shares_matching_tensors():
+    from blockrt.exporter import build_model, get_preset, init_random
+    from blockrt.exporter.model import Attention
+
+    model = init_random(build_model(get_preset("tiny_block")), seed=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bf16 = Model.from_torch(model, dtype="bf16", max_batch=2, max_context=32, device="cpu")
+    fp32 = Model.from_torch(model, dtype="fp32", max_batch=2, max_context=32, device="cpu")
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m.decode_math for m in model.modules() if isinstance(m, Attention))
+    engine_tensors = {t.data_ptr() for t in fp32.engines["block_decoder"].step.model.state_dict().values()}
+    assert {t.data_ptr() for t in after.values()} == engine_tensors  # fp32 on CPU: no copy
+    prompts = [[1, 2, 3], [4, 5]]
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    assert [r.token_ids for r in fp32.generate(prompts, config)] == generate(model, prompts, config).tokens
+    assert all(len(r.token_ids) == 8 for r in bf16.generate(prompts, config))
+
+
+def test_cli_turns_user_errors_into_exit_2_but_lets_other_value_errors_through(blockrt_cli, monkeypatch):
+    from blockrt.exporter import presets
+
+    def broken(name):
+        raise ValueError("an internal bug, not bad input")
+
+    monkeypatch.setattr(presets, "preset_summary", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        blockrt_cli("presets")
+    code, _, err = blockrt_cli("generate", "--preset", "nope", "--prompt-ids", "1")
+    assert code == 2 and err.startswith("Error: unknown preset 'nope'")

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (pip install -e '.[dev]')")
 httpx = pytest.importorskip("httpx", reason="the serving tests talk HTTP with httpx (pip install -e '.[dev]')")
@@ -407,7 +408,7 @@ def test_blockrt_serve_serves_an_exported_artifact(exported):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-c", "from blockrt.cli import main; main()", "serve", str(artifact),
-                                "--backend", "torch", "--device", "cpu", "--port", str(port), "--max-batch", "2"],
+                                "--backend", "auto", "--device", "cpu", "--port", str(port), "--max-batch", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -420,11 +421,23 @@ def test_blockrt_serve_serves_an_exported_artifact(exported):
                 return False
 
         wait_for(up, timeout=60, what="blockrt serve to start")
-        out = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}).json()
-        assert out["model"] == artifact.name and len(out["choices"][0]["token_ids"]) <= 5
+        prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4]]
+        outs = [httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 7, "temperature": 0,
+                                                          "ignore_eos": True}).json() for p in prompts]
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
+    log = process.stdout.read()
+    offline = Model.load(artifact, backend="onnxruntime").generate(prompts, GenerationConfig(max_new_tokens=7,
+                                                                                              ignore_eos=True))
+    for out, p, want in zip(outs, prompts, offline):
+        assert out["model"] == artifact.name and out["object"] == "text_completion"
+        [choice] = out["choices"]
+        assert choice["token_ids"] == want.token_ids and choice["finish_reason"] == "length"
+        assert out["usage"] == {"prompt_tokens": len(p), "completion_tokens": 7, "total_tokens": len(p) + 7}
+    if not torch.cuda.is_available():
+        assert "onnxruntime on cpu" in log  # --backend auto without a GPU
+    assert f"serving on http://127.0.0.1:{port}" in log and "Traceback" not in log
 
 
 def test_blockrt_serve_rejects_a_batch_above_the_artifact_limit(exported, blockrt_cli):

@@ -68,6 +68,6 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)

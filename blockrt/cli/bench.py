@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from blockrt.backends import BACKENDS
 from blockrt.graphs.contract import DTYPES
 
 log = logging.getLogger("blockrt.bench")
@@ -15,8 +16,9 @@ log = logging.getLogger("blockrt.bench")
 
 @click.command("bench")
 @click.argument("model")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True,
-              help="Engine for artifact directories (presets always run on the PyTorch engine).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
+              help="Engine for artifact directories (presets always run on the PyTorch engine; the results "
+              "name the engine that ran).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
               help="Weights and cache dtype for presets (artifacts keep their own).")
 @click.option("--workload", type=click.Choice(["decode-heavy", "prefill-heavy", "both", "custom"]), default=None,

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
+from blockrt.backends import TENSORRT_LIBRARIES
+
 
 @click.command("build")
 @click.argument("artifact_dir", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", *TENSORRT_LIBRARIES]), default="auto", show_default=True,
               help="tensorrt: engines for the GPU present (pip install 'blockrt[trt]'); tensorrt-rtx: portable "
               "engines, built even without a GPU (pip install 'blockrt[rtx]'); auto: tensorrt if installed.")
 @click.option("--opt-batch", type=int, help="Batch size TensorRT tunes for (default: the export's max batch).")

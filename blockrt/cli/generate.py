@@ -1,7 +1,6 @@
 """`blockrt generate`: generate with the PyTorch reference model, from a preset or a checkpoint.
 
-This is the semantics every export and engine is checked against; it needs no export. Also holds
-`load_tokenizer`, which other verbs reuse.
+This is the semantics every export and engine is checked against; it needs no export.
 """
 
 from __future__ import annotations
@@ -16,20 +15,11 @@ import click
 
 from blockrt.errors import UserError
 from blockrt.graphs.contract import DTYPES
+from blockrt.tokenizer import load_tokenizer
 
 from .options import generation_config, parse_ids, positions_option, sampling_options
 
 log = logging.getLogger("blockrt.generate")
-
-
-def load_tokenizer(path: Path):
-    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json."""
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for unreadable or malformed files
-        raise UserError(f"--tokenizer {path}: not a readable tokenizer.json ({e})") from None
 
 
 @click.command("generate")
@@ -68,7 +58,7 @@ def command(preset, checkpoint, prompt_ids, prompt_texts, tokenizer, pad_token_i
         raise UserError("no prompt: pass --prompt-ids 1,2,3 or --prompt TEXT with --tokenizer")
     if prompt_texts and tokenizer is None:
         raise UserError("--prompt needs --tokenizer tokenizer.json to turn the text into token ids")
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    tok = load_tokenizer(tokenizer, "--tokenizer") if tokenizer is not None else None
     prompts = [parse_ids(p, "--prompt-ids") for p in prompt_ids] + [tok.encode(t).ids for t in prompt_texts]
     config = dataclasses.replace(generation_config(**sampling), positions=positions)
     seed = config.seed

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from blockrt.backends import BACKEND_CHOICES
 from blockrt.errors import UserError
 
 from .options import generation_config, parse_ids, read_prompts_file, sampling_options
@@ -16,20 +17,9 @@ from .options import generation_config, parse_ids, read_prompts_file, sampling_o
 log = logging.getLogger("blockrt.run")
 
 
-def pick_backend(directory: Path) -> str:
-    """auto: TensorRT when engines were built and a GPU is here, else PyTorch on a GPU, else ONNX Runtime."""
-    import torch
-
-    from blockrt.graphs.manifest import Manifest
-
-    if torch.cuda.is_available():
-        return "tensorrt" if Manifest.load(directory, verify_hashes=False).engines else "torch"
-    return "onnxruntime"
-
-
 @click.command("run")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="auto: tensorrt if engines were built and a GPU is present, torch on a GPU, "
               "else onnxruntime.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present).")
@@ -65,9 +55,8 @@ def command(artifact, backend, device, max_batch, prompt_ids, prompt_texts, prom
     if not prompts:
         raise UserError("no prompt: pass --prompt-ids 1,2,3, --prompt TEXT or --prompts-file FILE")
     config = generation_config(**sampling)
-    backend = pick_backend(artifact) if backend == "auto" else backend
     model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
-    log.info("%s model from %s on %s (%s)", model.manifest.kind, artifact, backend, model.device)
+    log.info("%s model from %s on %s (%s)", model.manifest.kind, artifact, model.backend, model.device)
     if as_json:
         results = model.generate(prompts, config)
         click.echo(json.dumps([{"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "text": r.text,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from blockrt.backends import BACKEND_CHOICES
 from blockrt.errors import require
 
 log = logging.getLogger("blockrt.serve")
@@ -17,7 +18,7 @@ def server_options(f):
     """The artifact argument and the model/queue flags of the serving verbs."""
     options = [
         click.argument("artifact", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-        click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
                      show_default=True, help="auto: tensorrt if engines were built and a GPU is present, torch on a "
                      "GPU, else onnxruntime."),
         click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present)."),
@@ -37,12 +38,8 @@ def server_options(f):
 def load_model(artifact: Path, backend: str, device: str | None, max_batch: int | None):
     from blockrt.runtime import Model
 
-    from .run import pick_backend
-
-    if backend == "auto":
-        backend = pick_backend(artifact)
     model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
-    log.info("loaded %s (%s, %s on %s): batch %d, context %d", artifact, model.manifest.kind, backend, model.device,
+    log.info("loaded %s (%s, %s on %s): batch %d, context %d", artifact, model.manifest.kind, model.backend, model.device,
              model.max_batch, model.manifest.limits.max_context)
     return model
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import click
 
+from blockrt.backends import GRAPH_BACKENDS
+
 
 @click.command("verify")
 @click.argument("artifact_dir", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "all"]), default="onnxruntime",
+@click.option("--backend", type=click.Choice([*GRAPH_BACKENDS, "all"]), default="onnxruntime",
               show_default=True, help="What runs the graphs: ONNX Runtime (CPU), the TensorRT engines of "
               "`blockrt build` (needs a GPU), or both.")
 @click.option("--gen-tokens", default=128, show_default=True, type=int,
@@ -39,9 +41,9 @@ def command(artifact_dir, backend, gen_tokens, checkpoint, as_json) -> None:
       blockrt verify artifacts/tiny --backend all --gen-tokens 256
       blockrt verify artifacts/main --checkpoint ckpt/model.safetensors --json
     """
-    from blockrt.runtime.verify import BACKENDS, verify
+    from blockrt.runtime.verify import verify
 
-    backends = BACKENDS if backend == "all" else (backend,)
+    backends = GRAPH_BACKENDS if backend == "all" else (backend,)
     report = verify(artifact_dir, backends=backends, gen_tokens=gen_tokens, checkpoint=checkpoint)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_table())
     if not report.passed:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from blockrt.errors import UserError
-from blockrt.generation import GenerationConfig
+from blockrt.generation import ContextTooLong, GenerationConfig, RequestError, check_request
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -71,7 +71,6 @@ class Job:
     prompt: list[int]
     config: GenerationConfig
     deliver: Callable[[Update], None]
-    seed: int | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     # engine thread only:
     request: object | None = None  # the generator's Request once queued there
@@ -94,10 +93,7 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}  # generator request id -> job (engine thread only)
         self._thread: threading.Thread | None = None
         manifest = model.manifest
-        self.vocab_size, self.eos_token_id = model.config.vocab_size, model.config.eos_token_id
         self.max_context = manifest.limits.max_context
-        self.block_len = manifest.block_len if manifest.kind == "block" else 1
-        self.stop_id_slots = self.generator.sampling.stop_ids.shape[1]
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
@@ -121,34 +117,20 @@ class Scheduler:
             self._thread = None
 
     def check(self, prompt: list[int], config: GenerationConfig) -> None:
-        """Raise InvalidRequest, in the words of a completion request (prompt, max_tokens,
-        stop_token_ids), for what the generator would reject. Reads only fixed attributes: any
-        thread may call it."""
-        if not prompt:
-            raise InvalidRequest("the prompt is empty: it needs at least one token", "prompt")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size][:5]
-            raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad}", "prompt")
+        """Raise InvalidRequest, in the words of a completion request (max_tokens for
+        max_new_tokens), for what the generator would reject (`check_request`, the generator's own
+        check). Reads only fixed attributes: any thread may call it."""
         try:
-            config.validate(self.vocab_size)
-        except ValueError as e:
-            message = str(e).replace("max_new_tokens", "max_tokens")
-            raise InvalidRequest(message, "stop_token_ids" if "stop token" in message else None) from None
-        n = len(prompt)
-        padded = n + (-n % self.block_len)
-        if padded + config.max_new_tokens > self.max_context:
-            raise InvalidRequest(
-                f"prompt too long: {n} prompt tokens (padded to {padded} for blocks of {self.block_len}) + max_tokens "
-                f"{config.max_new_tokens} = {padded + config.max_new_tokens} exceeds this model's context of "
-                f"{self.max_context} tokens; shorten the prompt or lower max_tokens", "prompt", "context_length_exceeded")
-        if len(config.stop_ids(self.eos_token_id)) > self.stop_id_slots:
-            raise InvalidRequest(f"at most {self.stop_id_slots - 1} stop_token_ids are supported", "stop_token_ids")
+            check_request(prompt, config, self.generator.limits)
+        except RequestError as e:
+            param = "max_tokens" if e.field == "max_new_tokens" else e.field
+            code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
+            raise InvalidRequest(str(e).replace("max_new_tokens", "max_tokens"), param, code) from None
 
-    def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None],
-               seed: int | None = None) -> Job:
+    def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None]) -> Job:
         """Accept a job or raise QueueFull (nothing accepted). Call `check` first: what the
         generator still rejects comes back as an error update."""
-        job = Job(list(prompt), config, deliver, seed)
+        job = Job(list(prompt), config, deliver)
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -213,7 +195,7 @@ class Scheduler:
         if job.done:  # cancelled before it reached the generator
             return
         try:
-            job.request = self.generator.add(job.prompt, job.config, seed=job.seed)
+            job.request = self.generator.add(job.prompt, job.config)
         except Exception as e:  # `check` passed, so this is the server's fault: fail this job only
             self._finish(job, Update([], "error", f"{type(e).__name__}: {e}"))
             return
