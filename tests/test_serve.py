@@ -374,10 +374,10 @@ def test_a_request_the_generator_refuses_gets_500_and_others_complete():
     gen = model.generator()
     add = gen.add
 
-    def picky(prompt, config, seed=None):
+    def picky(prompt, config):
         if prompt == [13, 13]:
             raise RuntimeError("refused")
-        return add(prompt, config, seed=seed)
+        return add(prompt, config)
 
     gen.add = picky
     with Server(create_app(model)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
