@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from blockrt.backends import TENSORRT_LIBRARIES
+from blockrt.generation import POSITIONS
+
 from .checks import compare_io, graph_io_specs, load_graph
 from .contract import CACHE_IO_MODES, DTYPES, OPSET, graph_io, graph_names
 from .manifest import WEIGHTS_NAME, ArtifactError, FileEntry, Limits, Manifest
 
 ASSETS = ("weights", "tokenizer")
-TRT_LIBRARIES = ("tensorrt", "tensorrt-rtx")
 
 
 def check_manifest(manifest: Manifest, where: str | os.PathLike = "manifest.json") -> None:
@@ -42,8 +44,6 @@ def check_manifest(manifest: Manifest, where: str | os.PathLike = "manifest.json
         fail(f"dtype {manifest.dtype!r} is not one of {', '.join(DTYPES)}")
     if manifest.cache_io not in CACHE_IO_MODES:
         fail(f"cache_io {manifest.cache_io!r} is not one of {', '.join(CACHE_IO_MODES)}")
-    from blockrt.generation import POSITIONS
-
     if manifest.positions not in POSITIONS:
         fail(f"positions {manifest.positions!r} is not one of {', '.join(POSITIONS)}")
     if manifest.opset != OPSET:
@@ -68,7 +68,7 @@ def check_manifest(manifest: Manifest, where: str | os.PathLike = "manifest.json
                             for f, w in zip(found, want) if f != w), f"{len(found)} listed, {len(want)} expected")
                 fail(f"graph '{name}' {kind}s differ from the graph contract of its model config ({bad})")
     for name, engine in manifest.engines.items():
-        if name not in manifest.graphs or engine.graph != name or engine.library not in TRT_LIBRARIES:
+        if name not in manifest.graphs or engine.graph != name or engine.library not in TENSORRT_LIBRARIES:
             fail(f"engine entry '{name}' names graph {engine.graph!r} and library {engine.library!r}")
     unknown = sorted(set(manifest.assets) - set(ASSETS))
     if unknown or "weights" in manifest.assets and manifest.assets["weights"].path != WEIGHTS_NAME:

@@ -156,6 +156,11 @@ def _reseal(directory, edit) -> None:
     (lambda d: d.update(dtype="int8"), "dtype 'int8' is not one of"),
     (lambda d: d["graphs"]["block_decoder"]["file"].update(path="../elsewhere.onnx"), "not a file name inside"),
     (lambda d: d.update(cache_io="concat"), "inputs differ from the graph contract"),
+    (lambda d: d.update(positions="official"), "positions 'official' is not one of forward, official-generate"),
+    (lambda d: d["engines"].update(decoder={"graph": "decoder", "file": {"path": "decoder.engine", "sha256": ""},
+                                            "library": "tensorrt", "library_version": "10.15", "device": "x",
+                                            "compute_capability": "9.0", "profiles": {}}),
+     "engine entry 'decoder' names graph 'decoder'"),
 ])
 def test_edits_that_keep_the_digest_are_caught_by_the_field_checks(artifact_copy, edit, message):
     directory = artifact_copy("tiny_block")

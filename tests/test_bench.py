@@ -102,10 +102,16 @@ def test_bad_baselines_are_refused_before_anything_runs(blockrt_cli, nothing_run
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_hf_takes_the_weights_of_a_vanilla_artifact_given_with_it(exported):
+def test_hf_runs_on_the_weights_of_a_vanilla_artifact_given_as_the_model(exported, blockrt_cli, tmp_path):
+    pytest.importorskip("transformers", reason="--against hf needs transformers (the hf extra)")
     directory = str(exported("tiny_vanilla"))
     plans = plan_targets([Target("tiny_block"), Target(directory), Target("hf")], ["auto"] * 3)
     assert plans[2].hf_source == directory and plans[2].manifest is plans[1].manifest
+    code, out, err = blockrt_cli("bench", directory, "--against", "hf", "--prompt-len", "4", "--gen-len", "4",
+                                 "--batch", "2", "--json")
+    assert code == 0, err
+    model, hf = _strict_json(out)["results"]
+    assert hf["name"] == f"hf:{directory}" and hf["dtype"] == model["dtype"] == "fp32" and hf["batch"] == 2
 
 
 def test_json_has_null_where_a_value_is_not_a_finite_number():
