@@ -45,8 +45,17 @@ def matmul_attention(q, k, v, mask, scale: float):
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
+def reduce_attention(q, k, v, mask, scale: float):
+    """The same attention as broadcast products and sums in fp32: under torch.compile, Inductor
+    fuses it (with the cache reads) into a few kernels, where tiny batched matmuls cost a launch
+    each and run far from the memory bandwidth. mask: bool [B, 1, T, S]."""
+    scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * scale  # [B, H, T, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (probs[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(v.dtype)  # [B, H, T, D]
+
+
 class Attention(nn.Module):
-    decode_math = False  # set by the PyTorch engine: matmul attention for short caches (token decoder)
+    decode_math = False  # set by the PyTorch engine on the token decoder: attention over its few cached rows
 
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -63,7 +72,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, S, D]
         scale = 1.0 / math.sqrt(self.head_dim)
+        compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # torch.compile, not ONNX export
         if self.decode_math and mask is not None and k.shape[-2] <= 16:
+            y = (reduce_attention if compiling else matmul_attention)(q, k, v, mask, scale)
+        elif compiling and mask is not None and q.dtype == torch.float32:
+            # fp32 (exactness checks) with a mask leaves SDPA only its memory-efficient kernel; plain
+            # matmuls keep the compiled fp32 path on kernels the bf16 path also uses
             y = matmul_attention(q, k, v, mask, scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
@@ -167,7 +181,8 @@ class TokenDecoder(nn.Module):
 
     def prefix(self, context):  # [B, N, h_block] -> [B, N, 2, h_tok]
         B, N, _ = context.shape
-        out = self.expansion_layer(context.reshape(B * N, -1, 1))  # [B*N, 2*h_tok, 1]
+        conv = self.expansion_layer  # a kernel-size-1 Conv1d is a Linear over the channels
+        out = F.linear(context, conv.weight[:, :, 0], conv.bias)  # [B, N, 2*h_tok]
         return out.view(B, N, 2, self.hidden_size)  # channels [0:h_tok] are prefix 0
 
     def embed(self, input_ids, prefix, past_len):

@@ -443,14 +443,16 @@ def fit_workloads(workloads: list[tuple[str, int, int]], plans: list[_Plan]) -> 
     return fitted
 
 
-def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads):
+def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads, compile: bool = False):
     from .model import Model
 
     if weights is not None:  # room for the longest workload, its prompt padded to whole blocks
         L = weights.config.block_len
         max_context = max(-(-p // L) * L + g for _, p, g in workloads)
-        return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device))
-    return Model.load(plan.target.spec, backend=plan.target.backend, device=str(device), max_batch=max_batch)
+        return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device),
+                                compile=compile)
+    return Model.load(plan.target.spec, backend=plan.target.backend, device=str(device), max_batch=max_batch,
+                      compile=compile)
 
 
 def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool = False,
@@ -474,10 +476,12 @@ def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool =
 
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
-              device: str | None = None, profile: bool = False) -> tuple[list[BenchResult], Hardware, list[dict]]:
+              device: str | None = None, profile: bool = False,
+              compile: bool = False) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
     in this process; the first target is compared with each of the others. Every flag is checked
-    and every workload fitted to the artifacts' context before the first run."""
+    and every workload fitted to the artifacts' context before the first run. `compile`: PyTorch
+    engines run compiled decode steps (see `Model.load`)."""
     plans = plan_targets(targets, batch_specs)
     workloads = fit_workloads(workloads, plans)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -500,7 +504,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
             if target.is_hf:
                 row = _hf_row_bytes(weights, prompt_len + gen_len, hf_dtype)
             else:
-                probe = _open(plan, weights, dtype, dev, 1, workloads)
+                probe = _open(plan, weights, dtype, dev, 1, workloads)  # sizes only: never compiled
                 row = per_row_bytes(probe, prompt_len, gen_len)
                 del probe
             for batch in _batches(plan.batch_spec, free, row, plan.max_batch, cpu=dev.type != "cuda"):
@@ -509,7 +513,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                     if target.is_hf:
                         r = bench_hf(weights, batch, prompt_len, gen_len, hf_dtype, str(dev))
                     else:
-                        model = _open(plan, weights, dtype, dev, batch, workloads)
+                        model = _open(plan, weights, dtype, dev, batch, workloads, compile)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
                         if profile:
                             log.info("kernel profile of %s, batch %d:\n%s", label, batch,

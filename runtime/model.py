@@ -66,10 +66,12 @@ class Model:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             max_batch: int | None = None, cuda_graphs: bool = True, verify_files: bool = True) -> "Model":
+             max_batch: int | None = None, cuda_graphs: bool = True, verify_files: bool = True,
+             compile: bool = False) -> "Model":
         """Open an artifact directory written by `blockrt export` (and `blockrt build` for TensorRT).
         `backend`: "torch", "onnxruntime", "tensorrt", or "auto" (`pick_backend`; `model.backend`
-        says which)."""
+        says which). PyTorch backend on CUDA: `compile=True` runs the decode steps compiled by
+        TorchInductor inside the CUDA graphs (faster; experimental, see README "Compiled fast path")."""
         if backend != "auto":
             check_backend(backend)
         directory = Path(artifact_dir)
@@ -78,26 +80,27 @@ class Model:
             backend = pick_backend(manifest)
         dev = _pick_device(backend, device)
         max_batch = _check_batch(max_batch, manifest)
-        engines = load_engines(manifest, directory, backend, dev, **({"cuda_graphs": cuda_graphs} if backend == "torch" else {}))
+        options = {"cuda_graphs": cuda_graphs, "compile": compile} if backend == "torch" else {}
+        engines = load_engines(manifest, directory, backend, dev, **options)
         tokenizer = load_tokenizer(directory / manifest.tokenizer, "the artifact's tokenizer") if manifest.tokenizer else None
         return cls(manifest, engines, dev, max_batch, directory, tokenizer,
                    pad_rows=backend == "torch" and dev.type == "cuda" and cuda_graphs, backend=backend)
 
     @classmethod
     def from_torch(cls, model: torch.nn.Module, *, dtype: str = "bf16", max_batch: int = 8, max_context: int = 2048,
-                   device: str | None = None, cuda_graphs: bool = True, tokenizer=None,
+                   device: str | None = None, cuda_graphs: bool = True, compile: bool = False, tokenizer=None,
                    positions: str = "forward") -> "Model":
         """Run a PyTorch model (e.g. a preset with random weights) on the PyTorch engine without
-        exporting it first: what `blockrt bench PRESET` uses. `positions` as in `export`. `model` is
-        not changed: the engine builds modules of its own that use its tensors (the very same
-        tensors where dtype and device already match, so no memory is copied; cast copies
-        otherwise)."""
+        exporting it first: what `blockrt bench PRESET` uses. `positions` as in `export`; `compile`
+        as for `load`. `model` is not changed: the engine builds modules of its own that use its
+        tensors (the very same tensors where dtype and device already match, so no memory is
+        copied; cast copies otherwise)."""
         from .torch_engine import load_torch_engines
 
         manifest = describe(model.config, dtype=dtype, cache_io="inplace", max_batch=max_batch, max_context=max_context,
                             positions=positions)
         dev = _pick_device("torch", device)
-        engines = load_torch_engines(manifest, None, dev, model=model, cuda_graphs=cuda_graphs)
+        engines = load_torch_engines(manifest, None, dev, model=model, cuda_graphs=cuda_graphs, compile=compile)
         return cls(manifest, engines, dev, max_batch, None, tokenizer, pad_rows=dev.type == "cuda" and cuda_graphs)
 
     # ------------------------------------------------------------------ generation

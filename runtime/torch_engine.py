@@ -2,8 +2,10 @@
 
 On CUDA, decode-shaped calls (every call that is not a from-scratch prefill) are captured once per
 shape into CUDA graphs and replayed, which removes the per-kernel launch cost of small steps.
-Attention reads only the cache rows any sequence can see (`attend_len`, rounded up to a bucket so
-the number of captured graphs stays small).
+Attention reads only the cache rows any sequence can see (`attend_len`, rounded up to a bucket of
+64 tokens, i.e. 64 / L blocks, so the number of captured graphs stays small). With `compile=True`
+(opt-in, experimental) what the graphs capture is the step compiled by TorchInductor
+(`blockrt.runtime.inductor`); prefills always run eagerly.
 """
 
 from __future__ import annotations
@@ -15,24 +17,25 @@ from pathlib import Path
 import torch
 
 from blockrt.exporter.config import TORCH_DTYPES
-from blockrt.exporter.model import Attention, build_model
+from blockrt.exporter.model import Attention, BlockTransformer, build_model
 from blockrt.exporter.steps import step_modules
 from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
 from .engine import Engine
+from .inductor import CompiledStep, skip_reason
 
 log = logging.getLogger(__name__)
 
 
-
 class TorchEngine(Engine):
     def __init__(self, manifest: Manifest, graph: str, step: torch.nn.Module, device: torch.device,
-                 cuda_graphs: bool, attend_bucket: int, pool=None):
+                 cuda_graphs: bool, attend_bucket: int, pool=None, compiled: CompiledStep | None = None):
         super().__init__(manifest, graph, device)
         self.step = step
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self.attend_bucket = attend_bucket
+        self.attend_bucket = attend_bucket  # cache rows
         self.pool = pool
+        self.compiled = compiled
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -43,7 +46,7 @@ class TorchEngine(Engine):
             attend_len = min(cache_len, math.ceil(attend_len / self.attend_bucket) * self.attend_bucket)
         if attend_len == cache_len:
             attend_len = None
-        if not self.cuda_graphs or attend_len == num_new:
+        if not self.cuda_graphs or attend_len == num_new:  # eager: no graphs, or a prefill
             self.step.attend_len = attend_len
             return self.step(*inputs, *caches)
         key = (tuple(t.shape for t in inputs), attend_len, caches[0].data_ptr())
@@ -59,23 +62,44 @@ class TorchEngine(Engine):
         log.debug("capturing CUDA graph for %s: inputs %s, attend_len %s", self.name,
                   [tuple(t.shape) for t in inputs], attend_len)
         static_inputs = [t.clone() for t in inputs]
-        self.step.attend_len = attend_len
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: writes the same rows a real call writes
-            for _ in range(2):
-                self.step(*static_inputs, *caches)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self.step(*static_inputs, *caches)
+        try:
+            with torch.cuda.stream(stream):  # warm-up (and compilation): writes the rows a real call writes
+                for _ in range(2):
+                    self._decode(static_inputs, caches, attend_len)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = self._decode(static_inputs, caches, attend_len)
+        except Exception:  # logged here: a failed capture can take the process down before it is reported
+            log.exception("%s: running or capturing the %s step failed (inputs %s, attend_len %s)", self.name,
+                          "compiled" if self.compiled else "eager", [tuple(t.shape) for t in inputs], attend_len)
+            raise
         return graph, static_inputs, output
+
+    def _decode(self, inputs, caches, attend_len):
+        """The work a decode graph captures: the compiled step on the attended cache rows, or the
+        eager step told to attend to them."""
+        if self.compiled is None:
+            self.step.attend_len = attend_len
+            return self.step(*inputs, *caches)
+        self.step.attend_len = None
+        if attend_len is not None:
+            caches = [c[:, :, :attend_len] for c in caches]
+            # padding rows of a batch bucket may hold stale positions: keep their cache writes inside
+            # the attended rows (their outputs are discarded; live rows always write below attend_len)
+            inputs = [inputs[0], inputs[1].clamp(max=attend_len - 1), *inputs[2:]]
+        return self.compiled(inputs, caches)
 
 
 def load_torch_engines(manifest: Manifest, directory, device: torch.device, model: torch.nn.Module | None = None,
-                       cuda_graphs: bool = True, attend_bucket: int = 64) -> dict[str, TorchEngine]:
+                       cuda_graphs: bool = True, compile: bool = False, attend_tokens: int = 64) -> dict[str, TorchEngine]:
     """Engines for every graph of the artifact, from its saved weights, or from the tensors of a
-    given model (which is not changed; see `_own_model`)."""
+    given model (which is not changed; see `_own_model`). `compile`: run decode steps compiled by
+    TorchInductor inside the CUDA graphs (CUDA only; elsewhere, or without CUDA graphs, the steps run
+    eagerly and the reason is logged). `attend_tokens`: the attended cache length is rounded up to
+    this many tokens."""
     if model is None:
         from blockrt.exporter.checkpoint import load_checkpoint
 
@@ -85,13 +109,23 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
                                 f"`blockrt export` saves beside the graphs; re-export the model")
         model = load_checkpoint(path, config=manifest.model_config, dtype=manifest.dtype)
     model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.decode_math = True
+    if isinstance(model, BlockTransformer):  # batched-matmul attention over the token decoder's L + 1 rows
+        for module in model.token_decoder.modules():
+            if isinstance(module, Attention):
+                module.decode_math = True
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and cuda_graphs else None
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
-    return {name: TorchEngine(manifest, name, step, device, cuda_graphs, attend_bucket, pool)
-            for name, step in steps.items()}
+    if compile:
+        reason = skip_reason(device) or (None if cuda_graphs else "compiled steps run inside CUDA graphs, which are off")
+        if reason:
+            log.info("not compiling the steps: %s", reason)
+        compile = reason is None
+    engines = {}
+    for name, step in steps.items():
+        rows = max(1, attend_tokens // manifest.block_len) if name == "block_decoder" else attend_tokens
+        compiled = CompiledStep(step, name, symbolic_cache_len=name != "token_decoder") if compile else None
+        engines[name] = TorchEngine(manifest, name, step, device, cuda_graphs, rows, pool, compiled)
+    return engines
 
 
 def _own_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,5 +1,8 @@
-"""The runtime on a CUDA GPU: the PyTorch engine (CUDA graphs, in-place caches, sampling on the
-device) against the eager reference. Skipped, with the reason printed, where no GPU is present."""
+"""The runtime on a CUDA GPU: the PyTorch engine (CUDA graphs around eager steps, or around steps
+compiled by TorchInductor with compile=True; in-place caches, sampling on the device) against the
+eager reference. Skipped, with the reason printed, where no GPU is present."""
+
+import os
 
 import pytest
 import torch
@@ -29,15 +32,44 @@ def _exact_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("preset", ["tiny_block", "tiny_block_wide", "tiny_vanilla", "block_main_b4_5"])
-def test_cuda_graph_runtime_matches_reference_greedy_fp32(preset):
+# The compiled path (Model(compile=True)) is experimental and off by default: its tests compile for
+# minutes and run only where asked for (BLOCKRT_TEST_COMPILED=1). On an H100 (2026-11-27, torch
+# 2.11) the greedy tests passed for tiny_block and tiny_vanilla; the bucket test below failed (not
+# yet diagnosed; its scenario passes with Inductor's CPU code and no CUDA graphs); block_main_b4_5
+# and tiny_block_wide were not run after the last fix.
+compiled = pytest.mark.skipif(os.environ.get("BLOCKRT_TEST_COMPILED") != "1",
+                              reason="compiled path is experimental: set BLOCKRT_TEST_COMPILED=1 to test it")
+
+
+@pytest.mark.parametrize("preset,compile", [
+    ("tiny_block", False), ("tiny_block_wide", False), ("tiny_vanilla", False), ("block_main_b4_5", False),
+    *[pytest.param(p, True, marks=compiled) for p in ("tiny_block", "tiny_block_wide", "tiny_vanilla", "block_main_b4_5")]])
+def test_cuda_graph_runtime_matches_reference_greedy_fp32(preset, compile):
     model = _model(preset)
     config = GenerationConfig(max_new_tokens=160, ignore_eos=True)
     ref = generate(model, PROMPTS, config)
-    runtime = Model.from_torch(model, dtype="fp32", max_batch=8, max_context=512, device="cuda")
+    runtime = Model.from_torch(model, dtype="fp32", max_batch=8, max_context=512, device="cuda", compile=compile)
+    assert all((e.compiled is not None) == compile for e in runtime.engines.values())
     for _ in range(2):  # the second call replays the captured graphs
         out = runtime.generate(PROMPTS, config)
         assert [r.token_ids for r in out] == ref.tokens
+
+
+@compiled
+def test_compiled_steps_serve_every_batch_bucket_and_context_without_recompiling():
+    """One compilation per step and number of new positions: later batch buckets (8 -> 24 rows)
+    and attend buckets (contexts of 1 to 96 blocks) reuse the compiled code."""
+    model = _model("tiny_block")
+    runtime = Model.from_torch(model, dtype="fp32", max_batch=32, max_context=512, device="cuda", compile=True)
+    config = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    runtime.generate(PROMPTS, config)
+    counts = {name: e.compiled.compilations for name, e in runtime.engines.items()}
+    assert counts == {"block_decoder": 1, "token_decoder": 2}  # decode; token steps of 2 and 1 new positions
+    prompts = [list(range(1, 1 + 7 * i)) for i in range(1, 21)]  # 20 rows, up to 140 prompt tokens
+    ref = generate(model, prompts, GenerationConfig(max_new_tokens=200, ignore_eos=True))
+    out = runtime.generate(prompts, GenerationConfig(max_new_tokens=200, ignore_eos=True))
+    assert [r.token_ids for r in out] == ref.tokens
+    assert {name: e.compiled.compilations for name, e in runtime.engines.items()} == counts
 
 
 def test_cuda_graph_runtime_matches_reference_sampling_fp32():

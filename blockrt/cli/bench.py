@@ -38,10 +38,14 @@ log = logging.getLogger("blockrt.bench")
 @click.option("--against-batch", multiple=True, metavar="SPEC",
               help="Batch spec for each --against, in order (default: same as --batch).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
+@click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
+              help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
+              "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes).")
 @click.option("--profile", is_flag=True, help="Also log the heaviest GPU kernels of a short run (torch.profiler).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
-def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, device, profile, as_json, out):
+def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, device, compile_steps,
+            profile, as_json, out):
     """Benchmark MODEL (a preset name or an artifact directory) and compare it with baselines.
 
     EOS is ignored so every sequence generates exactly the requested tokens. Reports time to first
@@ -72,7 +76,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
         raise click.BadParameter("more --against-batch values than --against models", param_hint="--against-batch")
     targets = [Target(model, backend)] + [Target(a, backend) for a in against]
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
-    results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile)
+    results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps)
     data = to_json(results, hw, ratios)
     if out:
         out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

@@ -24,6 +24,9 @@ log = logging.getLogger("blockrt.run")
               "else onnxruntime.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present).")
 @click.option("--max-batch", type=int, default=None, help="Rows run at once (default and limit: the artifact's).")
+@click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
+              help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
+              "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes).")
 @click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="IDS",
               help="Comma-separated token ids of one prompt; repeat for a batch.")
 @click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT",
@@ -35,7 +38,7 @@ log = logging.getLogger("blockrt.run")
               help="Print tokens as each block completes (ignored with --json).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list: prompt and generated ids, text, finish reason and timing per prompt.")
-def command(artifact, backend, device, max_batch, prompt_ids, prompt_texts, prompts_file, stream, as_json, **sampling):
+def command(artifact, backend, device, max_batch, compile_steps, prompt_ids, prompt_texts, prompts_file, stream, as_json, **sampling):
     """Generate from the prompts with the artifact in ARTIFACT (written by `blockrt export`).
 
     Prompts of any length run together in one batch; more prompts than --max-batch queue and join
@@ -55,7 +58,7 @@ def command(artifact, backend, device, max_batch, prompt_ids, prompt_texts, prom
     if not prompts:
         raise UserError("no prompt: pass --prompt-ids 1,2,3, --prompt TEXT or --prompts-file FILE")
     config = generation_config(**sampling)
-    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
+    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch, compile=compile_steps)
     log.info("%s model from %s on %s (%s)", model.manifest.kind, artifact, model.backend, model.device)
     if as_json:
         results = model.generate(prompts, config)

@@ -27,6 +27,9 @@ def server_options(f):
         click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
                      help="Requests allowed to wait for a batch row; beyond it new requests are refused "
                      "(HTTP 429 with Retry-After; Triton: an error response)."),
+        click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
+                     help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
+                     "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes)."),
         click.option("--model-name", default=None, help="The model name clients use (default: the artifact "
                      "directory's name)."),
     ]
@@ -35,10 +38,10 @@ def server_options(f):
     return f
 
 
-def load_model(artifact: Path, backend: str, device: str | None, max_batch: int | None):
+def load_model(artifact: Path, backend: str, device: str | None, max_batch: int | None, compile_steps: bool = False):
     from blockrt.runtime import Model
 
-    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch)
+    model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch, compile=compile_steps)
     log.info("loaded %s (%s, %s on %s): batch %d, context %d", artifact, model.manifest.kind, model.backend, model.device,
              model.max_batch, model.manifest.limits.max_context)
     return model
@@ -49,7 +52,7 @@ def load_model(artifact: Path, backend: str, device: str | None, max_batch: int 
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface, e.g. behind a load balancer).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-def command(artifact, backend, device, max_batch, max_queue, model_name, host, port) -> None:
+def command(artifact, backend, device, max_batch, max_queue, compile_steps, model_name, host, port) -> None:
     """Serve the artifact in DIR over HTTP, OpenAI style, with continuous batching.
 
     \b
@@ -70,6 +73,6 @@ def command(artifact, backend, device, max_batch, max_queue, model_name, host, p
         require(module, "serve", "blockrt serve")
     from blockrt.runtime.serve import serve
 
-    model = load_model(artifact, backend, device, max_batch)
+    model = load_model(artifact, backend, device, max_batch, compile_steps)
     log.info("serving on http://%s:%d (queue limit %d)", host, port, max_queue)
     serve(model, host=host, port=port, max_queue=max_queue, model_name=model_name or artifact.resolve().name)

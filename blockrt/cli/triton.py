@@ -21,7 +21,7 @@ log = logging.getLogger("blockrt.triton")
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
-def command(artifact, backend, device, max_batch, max_queue, model_name, address, http_port, grpc_port,
+def command(artifact, backend, device, max_batch, max_queue, compile_steps, model_name, address, http_port, grpc_port,
             metrics_port) -> None:
     """Serve the artifact in DIR from Triton Inference Server as a decoupled (streaming) model.
 
@@ -45,7 +45,7 @@ def command(artifact, backend, device, max_batch, max_queue, model_name, address
     if len({http_port, grpc_port, metrics_port}) < 3:
         raise UserError(f"--http-port, --grpc-port and --metrics-port must differ, got {http_port}, {grpc_port}, "
                         f"{metrics_port}")
-    model = load_model(artifact, backend, device, max_batch)
+    model = load_model(artifact, backend, device, max_batch, compile_steps)
     log.info("Triton model %r: gRPC %s:%d, HTTP %s:%d, metrics :%d", name, address, grpc_port, address, http_port,
              metrics_port)
     TritonServer(model, model_name=name, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
