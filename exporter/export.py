@@ -31,6 +31,7 @@ from torch.export import Dim
 from blockrt.errors import UserError
 from blockrt.generation import POSITIONS
 from blockrt.graphs.checks import check_graph
+from blockrt.graphs.qdq import pack_int4
 from blockrt.graphs.contract import CACHE_IO_MODES, DTYPES, OPSET, TensorSpec, graph_io
 from blockrt.graphs.manifest import (MANIFEST_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FileEntry, GraphEntry, Limits,
                                      Manifest, sha256_file)
@@ -39,6 +40,9 @@ from blockrt.tokenizer import load_tokenizer
 from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import get_preset
+from .qlinear import qdq_translations
+from .quantize import DEFAULT_GROUP_SIZE, QuantConfig, calibration_sequences, linear_layers, quantize_model, save_quantized
+from .quantize import check_options as quantize_options
 from .steps import step_modules
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,9 @@ _EXAMPLE = {"batch": 3, "new_blocks": 2, "new_tokens": 5, "past": 7, "token_new"
 def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.PathLike, *, dtype: str = "fp32",
            max_batch: int = 8, max_context: int = 2048, cache_io: str = "inplace", seed: int = 0,
            source: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False,
-           positions: str = "forward") -> Manifest:
+           positions: str = "forward", quantize: str | None = None, kv_cache_dtype: str | None = None,
+           group_size: int = DEFAULT_GROUP_SIZE, calibration_prompts: list | None = None,
+           calibration_source: str = "calibration prompts") -> Manifest:
     """Export a model to ONNX graphs + manifest in `out_dir`; returns the manifest.
 
     `config_or_model`: a BlockTransformer / GPTNeoXLM, a ModelConfig or a preset name (random
@@ -65,10 +71,13 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
     or "concat" (growing caches). `positions`: the token decoder's rotary positions, "forward"
     (training) or "official-generate" (those of the official generate(); recorded in the
     manifest). An existing artifact at `out_dir` is replaced; any other non-empty directory only
-    with `force=True`."""
+    with `force=True`. `quantize`: "fp8", "int8-wo" or "int4-wo" (see `exporter.quantize`); fp8
+    calibrates on `calibration_prompts` (token-id lists, or text for the `tokenizer`; described as
+    `calibration_source` in the manifest) or built-in random ids."""
     start = time.perf_counter()
     cfg = _config(config_or_model)
     _check_options(cfg, dtype, cache_io, max_batch, max_context, positions)
+    quantize_options(quantize, kv_cache_dtype, group_size, calibration_prompts is not None)
     out = Path(out_dir)
     _check_out_dir(out, force)
     tokenizer_path = _check_tokenizer(tokenizer, cfg.vocab_size)
@@ -82,6 +91,9 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
         src += f" (random weights, seed {seed})"
     model = model.to(TORCH_DTYPES[dtype]).eval()
     limits = Limits.for_model(cfg, max_batch, max_context)
+    reference, quant = model, None
+    if quantize is not None:
+        model, quant = _quantize(model, quantize, group_size, calibration_prompts, calibration_source, tokenizer_path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
@@ -89,7 +101,10 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
     tmp.mkdir()
     try:
         log.info("saving %s (%s) ...", WEIGHTS_NAME, dtype)
-        assets = {"weights": _save_weights(model, tmp)}
+        assets = {"weights": _save_weights(reference, tmp)}
+        if quant is not None:
+            path = save_quantized(model, tmp, quant)
+            assets["quantized"] = FileEntry(path.name, sha256_file(path))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
             assets["tokenizer"] = FileEntry(TOKENIZER_NAME, sha256_file(tmp / TOKENIZER_NAME))
@@ -98,7 +113,8 @@ def export(config_or_model: ModelConfig | nn.Module | str, out_dir: str | os.Pat
             graphs[name] = _export_graph(step.eval(), name, cfg, dtype, cache_io, limits, tmp)
         manifest = Manifest.for_model(cfg, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs,
                                       assets=assets, tokenizer=TOKENIZER_NAME if tokenizer_path is not None else None,
-                                      source=source if source is not None else src, positions=positions)
+                                      source=source if source is not None else src, positions=positions,
+                                      quantization=None if quant is None else quant.to_dict())
         manifest.save(tmp)
         _publish(tmp, out)
     except BaseException:
@@ -185,6 +201,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _quantize(model: nn.Module, mode: str, group_size: int, prompts, source: str, tokenizer_path: Path | None):
+    start = time.perf_counter()
+    tokenizer = None
+    if prompts is not None and tokenizer_path is not None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    sequences, source = calibration_sequences(model.config, prompts, tokenizer, source)
+    qmodel = quantize_model(model, mode, group_size=group_size, sequences=sequences)
+    quant = QuantConfig(mode, group_size if mode == "int4-wo" else 0, None,
+                        source if mode == "fp8" else "none (weight-only)", len(linear_layers(model)))
+    log.info("quantized %d linear layers to %s in %.1f s", quant.layers, mode, time.perf_counter() - start)
+    return qmodel, quant
+
+
 def _save_weights(model: nn.Module, directory: Path) -> FileEntry:
     path = directory / WEIGHTS_NAME
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path),
@@ -206,8 +237,10 @@ def _export_graph(step: nn.Module, name: str, cfg: ModelConfig, dtype: str, cach
             step, args, None, dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
             input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
             dynamic_shapes=(*dynamic[:3], tuple(dynamic[3:])),  # (a, b, c, *caches) of the step's forward
-            custom_translation_table={torch.ops.blockrt.kv_write.default: _tensor_scatter(values.Opset("", OPSET))})
+            custom_translation_table={torch.ops.blockrt.kv_write.default: _tensor_scatter(values.Opset("", OPSET)),
+                                      **qdq_translations(values.Opset("", OPSET))})
     program.rename_axes(_axis_names(program.model, name, inputs, outputs))
+    pack_int4(program.model)
     path = directory / f"{name}.onnx"
     weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                        if v.const_value is not None)

@@ -56,6 +56,7 @@ def reduce_attention(q, k, v, mask, scale: float):
 
 class Attention(nn.Module):
     decode_math = False  # set by the PyTorch engine on the token decoder: attention over its few cached rows
+    kv_quant = None  # set by the PyTorch engine for an FP8 KV cache: stores k/v quantized and attends
 
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -69,19 +70,24 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, H, S, D]
         scale = 1.0 / math.sqrt(self.head_dim)
+        if self.kv_quant is not None:  # an FP8 KV cache (PyTorch engine: blockrt.runtime.fp8_kv)
+            y = self.kv_quant(q, k, v, mask, cache, layer, scale)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # [B, H, S, D]
+            y = self.attend(q, k, v, mask, scale)
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+    def attend(self, q, k, v, mask, scale: float):
         compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # torch.compile, not ONNX export
         if self.decode_math and mask is not None and k.shape[-2] <= 16:
-            y = (reduce_attention if compiling else matmul_attention)(q, k, v, mask, scale)
-        elif compiling and mask is not None and q.dtype == torch.float32:
+            return (reduce_attention if compiling else matmul_attention)(q, k, v, mask, scale)
+        if compiling and mask is not None and q.dtype == torch.float32:
             # fp32 (exactness checks) with a mask leaves SDPA only its memory-efficient kernel; plain
             # matmuls keep the compiled fp32 path on kernels the bf16 path also uses
-            y = matmul_attention(q, k, v, mask, scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+            return matmul_attention(q, k, v, mask, scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 class MLP(nn.Module):

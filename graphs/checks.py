@@ -20,7 +20,8 @@ FORBIDDEN_OPS = ("If", "Loop", "Scan")  # control flow: TensorRT's parser and ou
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
-                onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+                onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
+                onnx.TensorProto.FLOAT8E4M3FN: "float8e4m3fn"}
 
 
 def load_graph(path: str | os.PathLike) -> onnx.ModelProto:

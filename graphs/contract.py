@@ -30,6 +30,7 @@ CACHE_IO_MODES = ("inplace", "concat")
 DTYPES = ("fp32", "fp16", "bf16")
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 OPSET = 24
+KV_CACHE_TYPES = {"fp8": "float8e4m3fn"}  # --kv-cache-dtype -> cache tensor dtype
 
 BLOCK_GRAPHS = ("block_decoder", "token_decoder")
 VANILLA_GRAPHS = ("decoder",)
@@ -73,9 +74,12 @@ def graph_names(kind: str) -> tuple[str, ...]:
     return BLOCK_GRAPHS if kind == "block" else VANILLA_GRAPHS
 
 
-def graph_io(config, graph: str, cache_io: str, dtype: str, cache_len: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def graph_io(config, graph: str, cache_io: str, dtype: str, cache_len: int,
+             kv_cache_dtype: str | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of `graph` for a model config. `cache_len` is the static cache length of
-    an in-place graph (blocks for block_decoder, tokens for decoder; token_decoder uses L + 1)."""
+    an in-place graph (blocks for block_decoder, tokens for decoder; token_decoder uses L + 1).
+    `kv_cache_dtype="fp8"`: the block decoder's (decoder's) caches are float8e4m3fn; the token
+    decoder's few rows stay in `dtype`."""
     if cache_io not in CACHE_IO_MODES:
         raise ValueError(f"unknown cache I/O mode {cache_io!r}: expected one of {', '.join(CACHE_IO_MODES)}")
     if dtype not in DTYPES:
@@ -101,9 +105,10 @@ def graph_io(config, graph: str, cache_io: str, dtype: str, cache_len: int) -> t
             outputs = [TensorSpec("logits", "float32", ("batch", stack.vocab_size))]
     else:
         raise ValueError(f"unknown graph {graph!r}: expected one of {BLOCK_GRAPHS + VANILLA_GRAPHS}")
-    inputs += cache_specs(stack.num_layers, stack.num_heads, length, stack.head_dim, t, present=False)
+    kv = KV_CACHE_TYPES[kv_cache_dtype] if kv_cache_dtype is not None and graph != "token_decoder" else t
+    inputs += cache_specs(stack.num_layers, stack.num_heads, length, stack.head_dim, kv, present=False)
     if concat and graph != "token_decoder":
         inputs.append(TensorSpec("attention_mask", i64, ("batch", "total")))
     present_len = "total" if concat else length
-    outputs += cache_specs(stack.num_layers, stack.num_heads, present_len, stack.head_dim, t, present=True)
+    outputs += cache_specs(stack.num_layers, stack.num_heads, present_len, stack.head_dim, kv, present=True)
     return inputs, outputs

@@ -128,6 +128,7 @@ class Manifest:
     tokenizer: str | None = None  # path of tokenizer.json in the artifact, if one was given
     source: str = ""  # preset name or checkpoint path
     positions: str = "forward"  # token decoder rotary positions baked into the graphs (blockrt.generation.POSITIONS)
+    quantization: dict | None = None  # blockrt.exporter.quantize.QuantConfig, for a quantized export
     format_version: int = FORMAT_VERSION
     blockrt_version: str = ""
 

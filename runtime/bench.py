@@ -28,6 +28,8 @@ from blockrt.exporter.config import TORCH_DTYPES
 from blockrt.generation import GenerationConfig
 from blockrt.graphs.manifest import Manifest
 
+from .engine import SPEC_DTYPES
+
 log = logging.getLogger(__name__)
 
 WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
@@ -183,10 +185,10 @@ def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int,
     L = model.manifest.block_len
     context = prompt_len + gen_len // 2  # tokens cached at the median call
     if cfg.kind == "block":
-        costs = {"block_decoder": _stack_cost(cfg.block_decoder, batch, 1, context // L, size),
+        costs = {"block_decoder": _stack_cost(cfg.block_decoder, batch, 1, context // L, size, kv_size=_main_cache_bytes(model)),
                  "token_decoder": _stack_cost(cfg.token_decoder, batch, 1, (L + 1) // 2 + 1, size, lm_head=True)}
     else:
-        costs = {"decoder": _stack_cost(cfg.decoder, batch, 1, context, size, lm_head=True)}
+        costs = {"decoder": _stack_cost(cfg.decoder, batch, 1, context, size, lm_head=True, kv_size=_main_cache_bytes(model))}
     for step, (flops, nbytes) in costs.items():
         if step in steps:
             floor = 1e3 * max(nbytes / (hw.copy_bandwidth_gbs * 1e9), flops / (hw.matmul_tflops * 1e12))
@@ -194,14 +196,21 @@ def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int,
             steps[step].floor_fraction = floor / steps[step].gpu_ms_median
 
 
-def _stack_cost(stack, batch: int, new: int, attend: int, size: int, lm_head: bool = False) -> tuple[float, float]:
+def _main_cache_bytes(model) -> int:
+    """Bytes per element of the block decoder's (decoder's) KV cache: the dtype's, or 1 for FP8."""
+    graph = model.manifest.graphs["block_decoder" if model.manifest.kind == "block" else "decoder"]
+    return SPEC_DTYPES[graph.input("past_key_values.0.key").dtype].itemsize
+
+
+def _stack_cost(stack, batch: int, new: int, attend: int, size: int, lm_head: bool = False,
+                kv_size: int | None = None) -> tuple[float, float]:
     """(FLOPs, bytes) of one step of a NeoX stack: weights read once, KV cache read once, new
     KV rows written, matmuls 2 * params per token, attention 4 * attend * h per token per layer."""
     h, layers = stack.hidden_size, stack.num_layers
     params = stack.non_embedding_params() + (stack.vocab_size * h if lm_head else 0)
     tokens = batch * new
     flops = 2 * tokens * params + 4 * tokens * attend * h * layers
-    kv = 2 * layers * batch * attend * h * size
+    kv = 2 * layers * batch * attend * h * (size if kv_size is None else kv_size)
     logits = batch * stack.vocab_size * 4 if lm_head else 0
     return flops, params * size + kv + logits
 
@@ -262,7 +271,7 @@ def per_row_bytes(model, prompt_len: int, gen_len: int) -> int:
     """Device memory one sequence needs: caches, logits and a share of step activations."""
     cfg, size = model.config, BYTES[model.manifest.dtype]
     stack = cfg.block_decoder if cfg.kind == "block" else cfg.decoder
-    cache = 2 * stack.num_layers * stack.hidden_size * model.manifest.limits.cache_len * size
+    cache = 2 * stack.num_layers * stack.hidden_size * model.manifest.limits.cache_len * _main_cache_bytes(model)
     if cfg.kind == "block":
         t = cfg.token_decoder
         cache += 2 * t.num_layers * t.hidden_size * (cfg.block_len + 1) * size
@@ -357,6 +366,20 @@ def _weights(preset: str, dtype: str, device: torch.device, seed: int = 0):
     return model
 
 
+def _quantized(weights, quantize: str | None, kv_cache_dtype: str | None):
+    """A preset's weights quantized in memory as `blockrt export --quantize` would (default calibration)."""
+    from blockrt.exporter.quantize import calibration_sequences, quantize_model
+
+    from .fp8_kv import enable_fp8_kv_cache
+
+    sequences, _ = calibration_sequences(weights.config)
+    if quantize:
+        weights = quantize_model(weights, quantize, sequences=sequences)
+    if kv_cache_dtype:
+        enable_fp8_kv_cache(weights, sequences)
+    return weights
+
+
 def _artifact_weights(plan: _Plan, device: torch.device):
     """The reference model of a vanilla artifact, in its own dtype (for transformers)."""
     from pathlib import Path
@@ -443,14 +466,15 @@ def fit_workloads(workloads: list[tuple[str, int, int]], plans: list[_Plan]) -> 
     return fitted
 
 
-def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads, compile: bool = False):
+def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads, compile: bool = False,
+          kv_cache_dtype: str | None = None):
     from .model import Model
 
     if weights is not None:  # room for the longest workload, its prompt padded to whole blocks
         L = weights.config.block_len
         max_context = max(-(-p // L) * L + g for _, p, g in workloads)
         return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device),
-                                compile=compile)
+                                compile=compile, kv_cache_dtype=kv_cache_dtype)
     return Model.load(plan.target.spec, backend=plan.target.backend, device=str(device), max_batch=max_batch,
                       compile=compile)
 
@@ -476,14 +500,18 @@ def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool =
 
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
-              device: str | None = None, profile: bool = False,
-              compile: bool = False) -> tuple[list[BenchResult], Hardware, list[dict]]:
+              device: str | None = None, profile: bool = False, compile: bool = False, quantize: str | None = None,
+              kv_cache_dtype: str | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
     in this process; the first target is compared with each of the others. Every flag is checked
     and every workload fitted to the artifacts' context before the first run. `compile`: PyTorch
-    engines run compiled decode steps (see `Model.load`)."""
+    engines run compiled decode steps (see `Model.load`). `quantize` / `kv_cache_dtype` apply to
+    the first target, a preset (quantized in memory, default calibration)."""
     plans = plan_targets(targets, batch_specs)
     workloads = fit_workloads(workloads, plans)
+    if (quantize or kv_cache_dtype) and plans[0].preset is None:
+        raise UserError(f"--quantize / --kv-cache-dtype apply to a preset; {targets[0].spec} is not one (export it "
+                        f"with --quantize instead)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hw = measure_hardware(dev)
     log.info("hardware: %s", hw.describe())
@@ -499,12 +527,15 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
         else:
             weights = None
         hf_dtype = plan.manifest.dtype if target.is_hf and plan.manifest is not None else dtype
+        kv = quant = None  # the first target's quantization
+        if plan is plans[0] and (quantize or kv_cache_dtype):
+            weights, kv, quant = _quantized(weights, quantize, kv_cache_dtype), kv_cache_dtype, quantize
         for name, prompt_len, gen_len in workloads:
             free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 8 << 30
             if target.is_hf:
                 row = _hf_row_bytes(weights, prompt_len + gen_len, hf_dtype)
             else:
-                probe = _open(plan, weights, dtype, dev, 1, workloads)  # sizes only: never compiled
+                probe = _open(plan, weights, dtype, dev, 1, workloads, kv_cache_dtype=kv)  # sizes only: never compiled
                 row = per_row_bytes(probe, prompt_len, gen_len)
                 del probe
             for batch in _batches(plan.batch_spec, free, row, plan.max_batch, cpu=dev.type != "cuda"):
@@ -513,8 +544,9 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                     if target.is_hf:
                         r = bench_hf(weights, batch, prompt_len, gen_len, hf_dtype, str(dev))
                     else:
-                        model = _open(plan, weights, dtype, dev, batch, workloads, compile)
+                        model = _open(plan, weights, dtype, dev, batch, workloads, compile, kv)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
+                        label += "".join(f" {k} {v}" for k, v in (("quantized", quant), ("kv cache", kv)) if v)
                         if profile:
                             log.info("kernel profile of %s, batch %d:\n%s", label, batch,
                                      profile_kernels(model, batch, prompt_len, min(gen_len, 16)))

@@ -35,7 +35,8 @@ from blockrt.graphs.manifest import GraphEntry, Manifest
 log = logging.getLogger(__name__)
 
 SPEC_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+                "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+                "float8e4m3fn": torch.float8_e4m3fn}
 
 
 def prefill_inputs(prompts: list[list[int]], block_len: int, pad_token_id: int) -> tuple[list[list[int]], list[int]]:

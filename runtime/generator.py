@@ -33,7 +33,7 @@ from blockrt.generation import (GenerationConfig, RequestLimits, SamplingState, 
                                 to_device)
 from blockrt.graphs.manifest import Manifest
 
-from .engine import Engine, local_position, prefill_inputs
+from .engine import SPEC_DTYPES, Engine, local_position, prefill_inputs
 
 VANILLA_ROUND = 8  # decode steps per round of a vanilla model
 PIPELINE_DEPTH = 1  # rounds launched ahead of the one the host reads
@@ -94,7 +94,8 @@ class Generator:
         self.max_context = manifest.limits.max_context
         dtype = TORCH_DTYPES[manifest.dtype]
         main = self.config.block_decoder if self.block else self.config.decoder
-        self.caches = self._alloc(main, self.cache_len, dtype)
+        main_graph = manifest.graphs["block_decoder" if self.block else "decoder"]
+        self.caches = self._alloc(main, self.cache_len, SPEC_DTYPES[main_graph.input("past_key_values.0.key").dtype])
         C = capacity
         if self.block:
             tok = self.config.token_decoder

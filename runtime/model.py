@@ -89,16 +89,17 @@ class Model:
     @classmethod
     def from_torch(cls, model: torch.nn.Module, *, dtype: str = "bf16", max_batch: int = 8, max_context: int = 2048,
                    device: str | None = None, cuda_graphs: bool = True, compile: bool = False, tokenizer=None,
-                   positions: str = "forward") -> "Model":
+                   positions: str = "forward", kv_cache_dtype: str | None = None) -> "Model":
         """Run a PyTorch model (e.g. a preset with random weights) on the PyTorch engine without
         exporting it first: what `blockrt bench PRESET` uses. `positions` as in `export`; `compile`
         as for `load`. `model` is not changed: the engine builds modules of its own that use its
         tensors (the very same tensors where dtype and device already match, so no memory is
-        copied; cast copies otherwise)."""
+        copied; cast copies otherwise). `kv_cache_dtype="fp8"`: FP8 block decoder caches (the
+        model must have had `runtime.fp8_kv.enable_fp8_kv_cache`)."""
         from .torch_engine import load_torch_engines
 
         manifest = describe(model.config, dtype=dtype, cache_io="inplace", max_batch=max_batch, max_context=max_context,
-                            positions=positions)
+                            positions=positions, kv_cache_dtype=kv_cache_dtype)
         dev = _pick_device("torch", device)
         engines = load_torch_engines(manifest, None, dev, model=model, cuda_graphs=cuda_graphs, compile=compile)
         return cls(manifest, engines, dev, max_batch, None, tokenizer, pad_rows=dev.type == "cuda" and cuda_graphs)
@@ -188,14 +189,14 @@ class Model:
 
 
 def describe(config, *, dtype: str, cache_io: str, max_batch: int, max_context: int,
-             positions: str = "forward") -> Manifest:
+             positions: str = "forward", kv_cache_dtype: str | None = None) -> Manifest:
     """A manifest for a model that has no files (yet): graph I/O and limits."""
     if positions not in POSITIONS:
         raise UserError(f"unknown positions {positions!r}: expected one of {', '.join(POSITIONS)}")
     limits = Limits.for_model(config, max_batch, max_context)
     graphs = {}
     for name in graph_names(config.kind):
-        inputs, outputs = graph_io(config, name, cache_io, dtype, limits.cache_len)
+        inputs, outputs = graph_io(config, name, cache_io, dtype, limits.cache_len, kv_cache_dtype)
         graphs[name] = GraphEntry(name, FileEntry(f"{name}.onnx", ""), inputs, outputs)
     return Manifest.for_model(config, dtype=dtype, cache_io=cache_io, limits=limits, graphs=graphs, positions=positions)
 

@@ -23,6 +23,7 @@ from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
 from .engine import Engine
 from .inductor import CompiledStep, skip_reason
+from .quant_kernels import prepare_quantized
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,11 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
             raise ArtifactError(f"{path} not found: the PyTorch backend needs the weights that "
                                 f"`blockrt export` saves beside the graphs; re-export the model")
         model = load_checkpoint(path, config=manifest.model_config, dtype=manifest.dtype)
-    model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
+    if _is_quantized(model):  # its QuantLinear layers / FP8 KV cache hooks are modules of its own
+        model = model.to(device=device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
+    else:
+        model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
+    prepare_quantized(model, manifest, directory, device)
     if isinstance(model, BlockTransformer):  # batched-matmul attention over the token decoder's L + 1 rows
         for module in model.token_decoder.modules():
             if isinstance(module, Attention):
@@ -126,6 +131,12 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
         compiled = CompiledStep(step, name, symbolic_cache_len=name != "token_decoder") if compile else None
         engines[name] = TorchEngine(manifest, name, step, device, cuda_graphs, rows, pool, compiled)
     return engines
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    from blockrt.exporter.qlinear import QuantLinear
+
+    return any(isinstance(m, QuantLinear) or getattr(m, "kv_quant", None) is not None for m in model.modules())
 
 
 def _own_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

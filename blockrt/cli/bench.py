@@ -10,6 +10,7 @@ import click
 
 from blockrt.backends import BACKENDS
 from blockrt.graphs.contract import DTYPES
+from blockrt.graphs.qdq import KV_CACHE_DTYPES, QUANT_MODES
 
 log = logging.getLogger("blockrt.bench")
 
@@ -37,6 +38,10 @@ log = logging.getLogger("blockrt.bench")
               "given as MODEL or another --against. Repeatable.")
 @click.option("--against-batch", multiple=True, metavar="SPEC",
               help="Batch spec for each --against, in order (default: same as --batch).")
+@click.option("--quantize", type=click.Choice(QUANT_MODES),
+              help="Quantize MODEL (a preset) in memory as `blockrt export --quantize` does, default calibration.")
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES),
+              help="FP8 KV cache for MODEL's block decoder (a preset; calibrated scales, fused decode attention on CUDA).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 @click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
               help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
@@ -44,8 +49,8 @@ log = logging.getLogger("blockrt.bench")
 @click.option("--profile", is_flag=True, help="Also log the heaviest GPU kernels of a short run (torch.profiler).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
-def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, device, compile_steps,
-            profile, as_json, out):
+def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, quantize, kv_cache_dtype,
+            device, compile_steps, profile, as_json, out):
     """Benchmark MODEL (a preset name or an artifact directory) and compare it with baselines.
 
     EOS is ignored so every sequence generates exactly the requested tokens. Reports time to first
@@ -58,6 +63,9 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
           --against-batch auto --against-batch 256 --out results.json
     On a CPU, in seconds:
       blockrt bench artifacts/tiny --against tiny_vanilla --against hf --prompt-len 16 --gen-len 32
+    Quantized against unquantized, same run:
+      blockrt bench block_main_b4_1.2b --quantize fp8 --kv-cache-dtype fp8 --against block_main_b4_1.2b \\
+          --workload decode-heavy --against-batch auto
     """
     from blockrt.runtime.bench import (WORKLOADS, Target, format_ratios, format_table, run_bench, to_json)
 
@@ -76,7 +84,8 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
         raise click.BadParameter("more --against-batch values than --against models", param_hint="--against-batch")
     targets = [Target(model, backend)] + [Target(a, backend) for a in against]
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
-    results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps)
+    results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps, quantize,
+                                    kv_cache_dtype)
     data = to_json(results, hw, ratios)
     if out:
         out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

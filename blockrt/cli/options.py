@@ -66,27 +66,27 @@ def generation_config(max_new_tokens, temperature, top_k, top_p, repetition_pena
     return config
 
 
-def read_prompts_file(path: Path) -> list:
+def read_prompts_file(path: Path, flag: str = "--prompts-file") -> list:
     """JSONL prompts: each line a JSON list of ids, a string, or {"prompt": text} / {"prompt_ids": [...]}."""
     prompts = []
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
-        raise UserError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
+        raise UserError(f"{flag} {path}: cannot read it ({e.strerror})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"--prompts-file {path}, line {n}: not JSON ({e.msg})") from None
+            raise UserError(f"{flag} {path}, line {n}: not JSON ({e.msg})") from None
         if isinstance(item, dict):
             item = item.get("prompt_ids", item.get("prompt"))
         if isinstance(item, str) or (isinstance(item, list) and all(isinstance(t, int) for t in item)):
             prompts.append(item)
         else:
-            raise UserError(f"--prompts-file {path}, line {n}: expected a list of token ids, a string, or an "
+            raise UserError(f"{flag} {path}, line {n}: expected a list of token ids, a string, or an "
                             f"object with 'prompt' or 'prompt_ids'")
     if not prompts:
-        raise UserError(f"--prompts-file {path} holds no prompts")
+        raise UserError(f"{flag} {path} holds no prompts")
     return prompts

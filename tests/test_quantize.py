@@ -1,0 +1,252 @@
+"""Quantized export (fp8, int8-wo, int4-wo): standard ONNX QDQ graphs that ONNX Runtime runs as
+the quantized PyTorch reference computes them and TensorRT-RTX builds, quality against the
+unquantized model (random weights, and a tiny model trained here on a synthetic task), the PyTorch
+engine on the same artifacts, and clear errors for bad quantization flags."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from blockrt.errors import UserError
+from blockrt.exporter.qlinear import QuantLinear, quantize_weight
+from blockrt.exporter.quantize import calibration_sequences, quantize_model
+from blockrt.generation import GenerationConfig
+from blockrt.graphs.manifest import Manifest
+from blockrt.runtime import Model
+from blockrt.runtime.quality import QUALITY_LIMITS, compare_logits
+from blockrt.runtime.verify import verify
+
+from conftest import TEST_MAX_BATCH, TEST_MAX_CONTEXT
+
+MODES = ("int8-wo", "int4-wo", "fp8")
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory):
+    """quantized(mode) -> tiny_block artifact (fp32, random weights seed 0), exported once per session."""
+    from blockrt.exporter.export import export
+
+    done = {}
+
+    def get(mode: str):
+        if mode not in done:
+            out = tmp_path_factory.mktemp("quantized") / f"tiny_block-{mode}"
+            export("tiny_block", out, max_batch=TEST_MAX_BATCH, max_context=TEST_MAX_CONTEXT, quantize=mode)
+            done[mode] = out
+        return done[mode]
+
+    return get
+
+
+def _initializers(path) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_matmul_weight_is_dequantized_from_stored_low_precision_values(quantized, mode):
+    directory = quantized(mode)
+    manifest = Manifest.load(directory)
+    assert manifest.quantization["mode"] == mode
+    assert manifest.quantization["layers"] == 2 * 2 * 4 + 1  # two stacks of two layers, and embed_out
+    want = {"int8-wo": TensorProto.INT8, "int4-wo": TensorProto.INT4, "fp8": TensorProto.FLOAT8E4M3FN}[mode]
+    for graph in ("block_decoder", "token_decoder"):
+        model = onnx.load(str(directory / f"{graph}.onnx"))
+        inits = {t.name: t for t in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]  # attention is its own op
+        dq = [producer.get(n.input[1]) for n in matmuls]
+        assert matmuls and all(d is not None and d.op_type == "DequantizeLinear" for d in dq), graph
+        assert all(inits[d.input[0]].data_type == want for d in dq)
+        blocks = {next((a.i for a in d.attribute if a.name == "block_size"), 0) for d in dq}
+        assert blocks == ({64, 128} if mode == "int4-wo" else {0})  # group 128, or 64 where a layer has 64 inputs
+        fp8_inputs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert len(fp8_inputs) == (len(matmuls) if mode == "fp8" else 0)  # fp8: every activation too
+
+
+def test_int4_weights_take_an_eighth_of_the_fp32_bytes(quantized, exported):
+    def weight_bytes(path):  # the MatMul weights: initializers, or the values their DequantizeLinear reads
+        model = onnx.load(str(path))
+        inits = {t.name: t for t in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        total = 0
+        for node in (n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")):
+            name = node.input[1]
+            if name in producer and producer[name].op_type == "DequantizeLinear":
+                name = producer[name].input[0]
+            total += len(inits[name].raw_data) if inits[name].raw_data else inits[name].ByteSize()
+        return total
+
+    for graph in ("block_decoder", "token_decoder"):
+        fp32 = weight_bytes(exported("tiny_block") / f"{graph}.onnx")
+        int4 = weight_bytes(quantized("int4-wo") / f"{graph}.onnx")
+        assert int4 == fp32 / 8, (graph, int4, fp32)  # two INT4 values per byte, against 4 bytes each
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_artifact_passes_verify_on_onnxruntime(quantized, mode):
+    report = verify(quantized(mode), backends=("onnxruntime",), gen_tokens=32)
+    assert report.passed, report.format_table()
+    quality = [c for c in report.checks if c.stage.startswith("quality vs unquantized")]
+    kl = next(c for c in quality if c.output.startswith("next-token KL"))
+    assert 0 < kl.rel <= QUALITY_LIMITS[mode][0]  # quantization changes something, within the limit
+    steps = [c for c in report.checks if c.stage.startswith(("block_decoder", "token_decoder"))]
+    assert steps and all(c.rel < 1e-4 for c in steps)  # the graphs compute the quantized reference
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_graphs_build_with_tensorrt_rtx(tmp_path, quantized, mode):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (pip install 'blockrt[rtx]') is not installed")
+    import shutil
+
+    from blockrt.runtime.build import build_engines
+
+    directory = shutil.copytree(quantized(mode), tmp_path / mode)
+    assert set(build_engines(directory, backend="tensorrt-rtx").engines) == {"block_decoder", "token_decoder"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_engine_generates_what_onnxruntime_generates_on_a_quantized_artifact(quantized, mode):
+    prompts, config = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11]], GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    torch_tokens = [r.token_ids for r in Model.load(quantized(mode), backend="torch").generate(prompts, config)]
+    ort_tokens = [r.token_ids for r in Model.load(quantized(mode), backend="onnxruntime").generate(prompts, config)]
+    assert torch_tokens == ort_tokens
+
+
+def test_quantize_weight_round_trips_within_half_a_step_per_mode():
+    w = torch.randn(96, 256)
+    for mode, step in (("int8-wo", 1 / 127), ("int4-wo", 1 / 7)):
+        q, scale = quantize_weight(w, mode, 128 if mode == "int4-wo" else 0, torch.float32)
+        s = scale.repeat_interleave(128, 0) if mode == "int4-wo" else scale
+        assert (q.float() * s - w.t()).abs().max() <= (s / 2).max() * 1.0001
+        assert q.abs().max() <= (7 if mode == "int4-wo" else 127)
+    q, scale = quantize_weight(w, "fp8", 0, torch.float32)
+    rel = ((q.float() * scale - w.t()).abs() / w.t().abs().clamp(min=1e-3)).median()
+    assert q.dtype == torch.float8_e4m3fn and rel < 2 ** -4  # E4M3: 3 mantissa bits
+
+
+# ----------------------------------------------------------------- a model with sharp predictions
+
+@pytest.fixture(scope="module")
+def trained():
+    from trained_tiny import task_accuracy, train
+
+    model = train()
+    accuracy = task_accuracy(model)
+    assert accuracy >= 0.95, f"the tiny model did not learn its task ({accuracy:.1%}): the quality tests need it"
+    return model, accuracy
+
+
+@pytest.mark.parametrize("mode, max_drop", [("int8-wo", 0.01), ("fp8", 0.01), ("int4-wo", 0.05)])
+def test_trained_model_keeps_task_accuracy_and_passes_the_quality_limits(trained, mode, max_drop):
+    from trained_tiny import CONFIG, corpus, task_accuracy
+
+    model, accuracy = trained
+    qmodel = quantize_model(model, mode, sequences=calibration_sequences(CONFIG, None)[0])
+    assert task_accuracy(qmodel) >= accuracy - max_drop
+    ids, _ = corpus(64, seed=3)
+    with torch.no_grad():
+        q = compare_logits(qmodel(ids), model(ids))
+    max_kl, min_top1 = QUALITY_LIMITS[mode]
+    assert q.confident > 0.5 * q.positions  # sharp predictions: the top-1 check is not vacuous
+    assert q.mean_kl <= max_kl and q.confident_top1_agreement >= min_top1
+
+
+def test_quality_checks_catch_a_broken_quantization(trained):
+    from trained_tiny import CONFIG, corpus, task_accuracy
+
+    model, accuracy = trained
+    qmodel = quantize_model(model, "int8-wo", sequences=calibration_sequences(CONFIG, None)[0])
+    layer = qmodel.token_decoder.gpt_neox.layers[0].mlp.dense_4h_to_h
+    assert isinstance(layer, QuantLinear)
+    layer.weight_scale.mul_(-3.0)  # a sign / scale bug in one layer
+    ids, _ = corpus(64, seed=3)
+    with torch.no_grad():
+        q = compare_logits(qmodel(ids), model(ids))
+    assert q.mean_kl > QUALITY_LIMITS["int8-wo"][0] and task_accuracy(qmodel) < accuracy
+
+
+# ---------------------------------------------------------------------------------- CLI and errors
+
+def test_cli_exports_a_vanilla_fp8_artifact_calibrated_on_given_prompts(blockrt_cli, tmp_path):
+    prompts = tmp_path / "calib.jsonl"
+    prompts.write_text("\n".join(json.dumps(list(range(i, i + 20))) for i in range(6)) + "\n")
+    out = tmp_path / "fp8"
+    code, stdout, stderr = blockrt_cli("export", "--preset", "tiny_vanilla", "--out", str(out), "--max-batch", "4",
+                                       "--max-context", "64", "--quantize", "fp8", "--calibration-prompts", str(prompts))
+    assert code == 0, stderr
+    assert "fp8" in stdout
+    quant = Manifest.load(out).quantization
+    assert quant["mode"] == "fp8" and quant["calibration"] == "calib.jsonl (6 prompts)"
+    report = verify(out, backends=("onnxruntime",), gen_tokens=16)
+    assert report.passed, report.format_table()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int4-wo", "--group-size", "100"], "--group-size 100: expected a power of two"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 is not supported by this export yet"),
+    (["--quantize", "fp8", "--calibration-prompts", "missing.jsonl"], "--calibration-prompts missing.jsonl: cannot read"),
+    (["--quantize", "int8-wo", "--calibration-prompts", "calib.jsonl"], "calibration prompts set the activation scales"),
+])
+def test_bad_quantization_flags_are_one_line_errors(blockrt_cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calib.jsonl").write_text("[1, 2, 3]\n")
+    code, _, stderr = blockrt_cli("export", "--preset", "tiny_block", "--out", str(tmp_path / "x"), *args)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_calibration_prompts_outside_the_vocabulary_or_text_without_tokenizer_are_refused():
+    from blockrt.exporter.presets import get_preset
+
+    with pytest.raises(UserError, match=r"calib.jsonl, prompt 2: expected a non-empty list of token ids in 0..511"):
+        calibration_sequences(get_preset("tiny_block"), [[1, 2, 3], [4, 99999]], source="calib.jsonl")
+    with pytest.raises(UserError, match=r"text needs a tokenizer"):
+        calibration_sequences(get_preset("tiny_block"), ["hello"])
+
+
+# ------------------------------------------------------------------ FP8 KV cache (PyTorch engine)
+
+def _fp8_cache_model(model, max_batch: int = TEST_MAX_BATCH):
+    import copy
+
+    from blockrt.runtime.fp8_kv import enable_fp8_kv_cache
+
+    fp8 = copy.deepcopy(model)
+    enable_fp8_kv_cache(fp8, calibration_sequences(model.config)[0])
+    return Model.from_torch(fp8, dtype="fp32", max_batch=max_batch, max_context=TEST_MAX_CONTEXT, device="cpu",
+                            kv_cache_dtype="fp8")
+
+
+def test_fp8_kv_cache_is_allocated_in_fp8_and_stays_close_to_the_full_precision_model():
+    from blockrt.exporter import build_model, get_preset, init_random
+    from blockrt.runtime.quality import fixed_sequences, reference_logits, teacher_forced_logits
+
+    model = init_random(build_model(get_preset("tiny_block")), 0).eval()
+    runtime = _fp8_cache_model(model)
+    assert runtime.manifest.graphs["block_decoder"].input("past_key_values.0.key").dtype == "float8e4m3fn"
+    assert runtime.manifest.graphs["token_decoder"].input("past_key_values.0.key").dtype == "float32"
+    assert all(c.dtype == torch.float8_e4m3fn for c in runtime.generator().caches)
+    seqs = fixed_sequences(runtime.manifest)
+    q = compare_logits(teacher_forced_logits(runtime.engines, runtime.manifest, seqs, torch.device("cpu")),
+                       reference_logits(model, seqs))
+    assert 0 < q.mean_kl <= QUALITY_LIMITS["fp8"][0]
+    out = runtime.generate([[1, 2, 3], [4, 5, 6, 7, 8]], GenerationConfig(max_new_tokens=12, ignore_eos=True))
+    assert [len(r.token_ids) for r in out] == [12, 12]
+
+
+def test_trained_model_keeps_task_accuracy_with_an_fp8_kv_cache(trained):
+    from trained_tiny import L, corpus
+
+    from blockrt.runtime.quality import teacher_forced_logits
+
+    model, accuracy = trained
+    ids, known = corpus(32, seed=2)
+    runtime = _fp8_cache_model(model, max_batch=32)
+    logits = teacher_forced_logits(runtime.engines, runtime.manifest, ids.tolist(), torch.device("cpu"))
+    predicted = logits.argmax(-1).flatten(1)
+    fp8_accuracy = float((predicted == ids[:, L:])[known[:, L:]].double().mean())
+    assert fp8_accuracy >= accuracy - 0.01
