@@ -18,9 +18,10 @@ from blockrt.generation import POSITIONS
 
 from .checks import compare_io, graph_io_specs, load_graph
 from .contract import CACHE_IO_MODES, DTYPES, OPSET, graph_io, graph_names
+from .qdq import QUANT_MODES
 from .manifest import WEIGHTS_NAME, ArtifactError, FileEntry, Limits, Manifest
 
-ASSETS = ("weights", "tokenizer")
+ASSETS = ("weights", "tokenizer", "quantized")
 
 
 def check_manifest(manifest: Manifest, where: str | os.PathLike = "manifest.json") -> None:
@@ -70,6 +71,11 @@ def check_manifest(manifest: Manifest, where: str | os.PathLike = "manifest.json
     for name, engine in manifest.engines.items():
         if name not in manifest.graphs or engine.graph != name or engine.library not in TENSORRT_LIBRARIES:
             fail(f"engine entry '{name}' names graph {engine.graph!r} and library {engine.library!r}")
+    quant = manifest.quantization
+    if quant is not None and (not isinstance(quant, dict) or quant.get("mode") not in QUANT_MODES):
+        fail(f"quantization {quant!r} does not name one of the modes {', '.join(QUANT_MODES)}")
+    if (quant is not None) != ("quantized" in manifest.assets):
+        fail("a quantized artifact lists its quantized.safetensors asset, and only a quantized one does")
     unknown = sorted(set(manifest.assets) - set(ASSETS))
     if unknown or "weights" in manifest.assets and manifest.assets["weights"].path != WEIGHTS_NAME:
         fail(f"assets {sorted(manifest.assets)} are not among {ASSETS} (weights in {WEIGHTS_NAME})")
