@@ -36,8 +36,6 @@ class OrtEngine(GraphEngine):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         if manifest.quantization is not None:  # run the QDQ graph as written: ORT's DQ->MatMul fusions
             options.add_session_config_entry("session.disable_quant_qdq", "1")  # also quantize activations
         path = Path(directory) / manifest.graphs[graph].file.path
