@@ -23,7 +23,7 @@ from blockrt.errors import UserError  # noqa: E402
 from blockrt.exporter import build_model, get_preset, init_random  # noqa: E402
 from blockrt.generation import GenerationConfig  # noqa: E402
 from blockrt.runtime import Model  # noqa: E402
-from blockrt.runtime.serve import Scheduler, Server, create_app  # noqa: E402
+from blockrt.runtime.serve import HTTPLimits, ModelSpec, Scheduler, Server, create_app  # noqa: E402
 
 MAX_CONTEXT = 512
 
@@ -42,9 +42,15 @@ def reference() -> Model:
     return tiny_model()
 
 
+def tiny_spec(max_batch: int = 8, max_context: int = MAX_CONTEXT) -> ModelSpec:
+    """The weights of `tiny_model`, loaded by an engine process of their own."""
+    return ModelSpec(preset="tiny_block", dtype="fp32", max_batch=max_batch, max_context=max_context, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def server():
-    with Server(create_app(tiny_model(), max_queue=64, model_name="tiny")) as s:
+    """The server as `blockrt serve` runs it: the engine in a process of its own."""
+    with Server(create_app(tiny_spec(), max_queue=64, model_name="tiny")) as s:
         yield s
 
 
@@ -87,11 +93,13 @@ def expected(reference: Model, prompts: list[list[int]], max_tokens: list[int]) 
 
 
 def metric(client, name: str, **labels) -> float:
-    text = client.get("/metrics").text
-    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = rf"^{re.escape(name)}{re.escape('{' + selector + '}') if labels else ''} (\S+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    """The sum of the metric's series that carry the given labels (e.g. over engines)."""
+    total = 0.0
+    for found in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", client.get("/metrics").text, re.MULTILINE):
+        series = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
+        if all(series.get(k) == str(v) for k, v in labels.items()):
+            total += float(found.group(2))
+    return total
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
@@ -204,6 +212,10 @@ BAD_REQUESTS = {
     "echo": ({"prompt": [1], "echo": True}, "echo is not supported", "echo"),
     "missing prompt": ({"max_tokens": 3}, "'prompt' is required", "prompt"),
     "stop id outside vocab": ({"prompt": [1], "stop_token_ids": [600]}, "outside the vocabulary", "stop_token_ids"),
+    "temperature Infinity": ('{"prompt": [1], "temperature": Infinity}', "finite number", "temperature"),
+    "temperature 1e999": ('{"prompt": [1], "temperature": 1e999}', "finite number", "temperature"),
+    "max_tokens as a string": ({"prompt": [1], "max_tokens": "16"}, "valid integer", "max_tokens"),
+    "ignore_eos as a number": ({"prompt": [1], "ignore_eos": 1}, "valid boolean", "ignore_eos"),
 }
 
 
@@ -219,6 +231,18 @@ def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(client
     assert message in error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
     assert set(error) == {"message", "type", "param", "code"}
     assert complete(client, prompt=[1, 2], max_tokens=2)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_body_that_is_not_declared_json_gets_415_saying_so(client):
+    r = client.post("/v1/completions", content=json.dumps({"prompt": [1]}), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415, r.text
+    assert "Content-Type is 'text/plain'" in r.json()["error"]["message"] and "application/json" in r.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": [1], "max_tokens": 1}).status_code == 200
+
+
+def test_text_is_null_without_a_tokenizer(client):
+    assert complete(client, prompt=[1, 2], max_tokens=3)["choices"][0]["text"] is None
+    assert all(e["choices"][0]["text"] is None for e in stream(client, prompt=[1, 2], max_tokens=9))
 
 
 def test_unknown_model_is_404_and_the_served_one_is_listed(client):
@@ -315,6 +339,7 @@ def test_a_client_that_disconnects_frees_its_row(one_row_server):
         wait_for(lambda: metric(c, "blockrt_requests_total", finish_reason="cancelled", status="499") == 1,
                  what="the server to see the disconnect")
         wait_for(lambda: metric(c, "blockrt_running_requests") == 0, what="the row to free")
+        assert metric(c, "blockrt_request_latency_seconds_count") == 0  # a cancelled request has no latency
         start = time.monotonic()
         assert complete(c, prompt=[5, 6], max_tokens=8, ignore_eos=True)["usage"]["completion_tokens"] == 8
         assert time.monotonic() - start < 5
@@ -326,6 +351,7 @@ def test_a_client_that_disconnects_frees_its_row(one_row_server):
         wait_for(lambda: metric(c, "blockrt_running_requests") == 0, what="the row to free")
         assert complete(c, prompt=[5, 6], max_tokens=8, ignore_eos=True)["usage"]["completion_tokens"] == 8
         assert metric(c, "blockrt_generated_tokens_total") < 2 * 4000
+        assert metric(c, "blockrt_request_latency_seconds_count") == 2  # the two completed ones only
 
 
 def test_a_generator_failure_fails_the_running_request_only(reference):
@@ -400,27 +426,121 @@ def test_a_model_is_driven_by_one_engine_thread_at_a_time():
     second.stop()
 
 
+# ------------------------------------------------------------------------------------- hardening
+
+LIMITS = HTTPLimits(max_body_bytes=256 * 1024, header_timeout_s=1.0, body_timeout_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def guarded_server():
+    with Server(create_app(tiny_model(max_batch=2), limits=LIMITS)) as s:
+        yield s
+
+
+def test_a_body_above_the_limit_gets_413_before_it_is_read(guarded_server):
+    big = json.dumps({"prompt": [1] * 100_000}).encode()  # 300 kB
+    with httpx.Client(base_url=guarded_server.url, timeout=30) as c:
+        r = c.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "limit of 262144 bytes" in r.json()["error"]["message"]
+
+        def chunked():  # no Content-Length: counted while it arrives
+            for i in range(0, len(big), 65536):
+                yield big[i:i + 65536]
+
+        r = c.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert complete(c, prompt=[1, 2], max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_a_large_body_is_parsed_off_the_event_loop(guarded_server):
+    """A body near the limit is parsed on a worker thread: /health keeps answering meanwhile."""
+    body = json.dumps({"prompt": [7] * 60_000, "max_tokens": 1}).encode()  # 240 kB, prompt too long
+    with httpx.Client(base_url=guarded_server.url, timeout=30) as c, ThreadPoolExecutor(4) as pool:
+        big = [pool.submit(c.post, "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+               for _ in range(3)]
+        slowest = 0.0
+        while not all(f.done() for f in big):
+            start = time.monotonic()
+            assert c.get("/health").status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+        assert all(f.result().status_code == 400 for f in big)
+        assert "prompt too long" in big[0].result().json()["error"]["message"]
+        assert slowest < 2.0
+
+
+def test_connections_that_send_nothing_or_half_a_request_are_closed(guarded_server):
+    host, port = guarded_server.host, guarded_server.port
+    idle = [socket.create_connection((host, port)) for _ in range(20)]
+    partial = [socket.create_connection((host, port)) for _ in range(20)]
+    for sock in partial:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    slow_body = socket.create_connection((host, port))
+    slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    for sock in [*idle, *partial, slow_body]:
+        sock.settimeout(10)
+    for sock in [*idle, *partial]:
+        assert sock.recv(1024) == b"", "the server kept a connection that never sent its headers"
+    answer = b""
+    while chunk := slow_body.recv(65536):  # the server answers, then closes
+        answer += chunk
+    answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+    for sock in [*idle, *partial, slow_body]:
+        sock.close()
+    with httpx.Client(base_url=guarded_server.url, timeout=30) as c:
+        assert complete(c, prompt=[1, 2], max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_two_engines_share_the_load_and_report_per_engine_metrics(reference):
+    with Server(create_app([tiny_spec(max_batch=4), tiny_spec(max_batch=4)])) as s:
+        prompts = [[(11 * i + j) % 500 + 1 for j in range(3 + i % 5)] for i in range(12)]
+        want = expected(reference, prompts, [20] * 12)
+
+        def one(i):
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                choice = complete(c, prompt=prompts[i], max_tokens=20)["choices"][0]
+                return choice["token_ids"], choice["finish_reason"]
+
+        with ThreadPoolExecutor(12) as pool:
+            assert list(pool.map(one, range(12))) == want
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            per_engine = [metric(c, "blockrt_request_latency_seconds_count", engine=e) for e in ("0", "1")]
+            assert sum(per_engine) == 12 and min(per_engine) >= 3  # both engines served
+            assert [e["name"] for e in c.get("/health").json()["engines"]] == ["0", "1"]
+
+
 # ------------------------------------------------------------------------------------- command line
 
-def test_blockrt_serve_serves_an_exported_artifact(exported):
-    artifact = exported("tiny_block")
+def start_blockrt_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """`blockrt serve ARGS` in a process of its own on a free port, once /health answers; (process, url)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-c", "from blockrt.cli import main; main()", "serve", str(artifact),
-                                "--backend", "auto", "--device", "cpu", "--port", str(port), "--max-batch", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-c", "from blockrt.cli import main; main()", "serve", *args,
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.TransportError:
+            assert process.poll() is None, process.stdout.read()
+            return False
+
     try:
-        url = f"http://127.0.0.1:{port}"
+        wait_for(up, timeout=120, what="blockrt serve to start")
+    except BaseException:
+        process.kill()
+        raise
+    return process, url
 
-        def up():
-            try:
-                return httpx.get(f"{url}/health").status_code == 200
-            except httpx.TransportError:
-                assert process.poll() is None, process.stdout.read()
-                return False
 
-        wait_for(up, timeout=60, what="blockrt serve to start")
+def test_blockrt_serve_serves_an_exported_artifact(exported):
+    artifact = exported("tiny_block")
+    process, url = start_blockrt_serve(str(artifact), "--backend", "auto", "--device", "cpu", "--max-batch", "2")
+    try:
         prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4]]
         outs = [httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 7, "temperature": 0,
                                                           "ignore_eos": True}).json() for p in prompts]
@@ -437,9 +557,70 @@ def test_blockrt_serve_serves_an_exported_artifact(exported):
         assert out["usage"] == {"prompt_tokens": len(p), "completion_tokens": 7, "total_tokens": len(p) + 7}
     if not torch.cuda.is_available():
         assert "onnxruntime on cpu" in log  # --backend auto without a GPU
-    assert f"serving on http://127.0.0.1:{port}" in log and "Traceback" not in log
+    assert f"serving on {url}" in log and "Traceback" not in log
+
+
+def test_sigterm_lets_open_requests_finish_then_ends_the_rest_with_openai_errors():
+    process, url = start_blockrt_serve("--preset", "tiny_block", "--dtype", "fp32", "--device", "cpu", "--max-batch", "4",
+                                       "--max-context", "8192", "--shutdown-timeout", "3")
+    try:
+        endless = {"prompt": [1, 2, 3], "max_tokens": 8000, "temperature": 0, "ignore_eos": True}
+        streamed = threading.Event()
+
+        def long_stream():
+            with httpx.Client(timeout=60) as c, c.stream("POST", f"{url}/v1/completions",
+                                                          json={**endless, "stream": True}) as r:
+                lines = []
+                for line in r.iter_lines():  # raises if the chunked body does not end properly
+                    lines.append(line)
+                    streamed.set()
+                return r.status_code, [line for line in lines if line]
+
+        def short():
+            streamed.wait(60)
+            time.sleep(0.5)  # sent after the signal below
+            return httpx.post(f"{url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 8, "ignore_eos": True},
+                              timeout=60)
+
+        with ThreadPoolExecutor(4) as pool:
+            stream_future = pool.submit(long_stream)
+            plain_future = pool.submit(httpx.post, f"{url}/v1/completions", json=endless, timeout=60)
+            finishing = pool.submit(httpx.post, f"{url}/v1/completions",
+                                    json={"prompt": [9], "max_tokens": 40, "ignore_eos": True}, timeout=60)
+            assert streamed.wait(60)
+            process.send_signal(signal.SIGTERM)
+            late = pool.submit(short)
+            status, lines = stream_future.result(60)
+            plain = plain_future.result(60)
+            assert finishing.result(60).status_code == 200  # finished within the shutdown timeout
+            with pytest.raises(httpx.TransportError):  # no longer accepting connections
+                late.result(60)
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][len("data: "):])["error"]
+        assert "shutting down" in error["message"] and error["type"] == "server_error"
+        assert plain.status_code == 503 and plain.headers["content-type"] == "application/json"
+        assert "shutting down" in plain.json()["error"]["message"]
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_blockrt_serve_rejects_a_batch_above_the_artifact_limit(exported, blockrt_cli):
     code, _, err = blockrt_cli("serve", str(exported("tiny_block")), "--backend", "torch", "--max-batch", "64")
     assert code == 2 and "max_batch 64 is above the artifact's limit" in err
+
+
+def test_bench_serve_measures_the_server_and_the_offline_engine_on_the_same_workload(blockrt_cli, tmp_path):
+    code, out, err = blockrt_cli("bench", "tiny_block", "--serve", "--dtype", "fp32", "--device", "cpu", "--clients", "2",
+                                 "--requests", "2", "--prompt-len", "5", "--gen-len", "12", "--client-processes", "1",
+                                 "--out", str(tmp_path / "serve.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "serve.json").read_text())["results"][0]
+    served, offline = result["served"], result["offline"]
+    assert served["completed"] == 4 and not served["failed"]
+    assert served["output_tokens"] == offline["output_tokens"] == 4 * 12
+    assert result["ratio"]["output_tokens_per_s"] == pytest.approx(served["output_tokens_per_s"] / offline["output_tokens_per_s"])
+    assert all(0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"] for run in (served, offline))
+    assert "served" in out and "offline" in out and "2x2" in out

@@ -47,10 +47,24 @@ log = logging.getLogger("blockrt.bench")
               help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
               "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes).")
 @click.option("--profile", is_flag=True, help="Also log the heaviest GPU kernels of a short run (torch.profiler).")
+@click.option("--serve", "serve", is_flag=True, help="Benchmark `blockrt serve` on loopback against the offline engine "
+              "on the same workload (--clients streams x --requests each, --prompt-len, --gen-len).")
+@click.option("--clients", default="256", show_default=True, metavar="N[,N...]",
+              help="--serve: concurrent streams (a comma-separated list runs each in turn).")
+@click.option("--requests", type=click.IntRange(1), default=2, show_default=True,
+              help="--serve: requests per stream, one after another.")
+@click.option("--client-processes", type=click.IntRange(1), default=4, show_default=True,
+              help="--serve: processes the load generator spreads its clients over.")
+@click.option("--offline/--no-offline", default=True, show_default=True,
+              help="--serve: also run the offline engine on the same workload (for the ratio).")
+@click.option("--devices", default=None, metavar="LIST", help="--serve: one engine per device, e.g. cuda:0,cuda:1.")
+@click.option("--data-parallel", type=click.IntRange(1), default=None, metavar="N",
+              help="--serve: shorthand for --devices cuda:0,...,cuda:N-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
 def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, quantize, kv_cache_dtype,
-            device, compile_steps, profile, as_json, out):
+            device, compile_steps, profile, serve, clients, requests, client_processes, offline, devices, data_parallel,
+            as_json, out):
     """Benchmark MODEL (a preset name or an artifact directory) and compare it with baselines.
 
     EOS is ignored so every sequence generates exactly the requested tokens. Reports time to first
@@ -66,7 +80,15 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     Quantized against unquantized, same run:
       blockrt bench block_main_b4_1.2b --quantize fp8 --kv-cache-dtype fp8 --against block_main_b4_1.2b \\
           --workload decode-heavy --against-batch auto
+
+    \b
+    Served vs offline (HTTP server on loopback, then Model.generate on the same workload):
+      blockrt bench block_main_b4_1.2b --serve --clients 64,256,1024 --prompt-len 128 --gen-len 1024
     """
+    if serve:
+        _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len or 128,
+                     gen_len or 128, client_processes, offline, as_json, out)
+        return
     from blockrt.runtime.bench import (WORKLOADS, Target, format_ratios, format_table, run_bench, to_json)
 
     custom = prompt_len is not None or gen_len is not None
@@ -86,14 +108,55 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
     results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps, quantize,
                                     kv_cache_dtype)
-    data = to_json(results, hw, ratios)
-    if out:
-        out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        log.info("results saved to %s", out)
-    if as_json:
-        click.echo(json.dumps(data, indent=2, allow_nan=False))
+    if _saved(to_json(results, hw, ratios), out, as_json):
         return
     click.echo(hw.describe())
     click.echo(format_table(results))
     if ratios:
         click.echo(format_ratios(ratios))
+
+
+def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len, gen_len,
+                 client_processes, offline, as_json, out) -> None:
+    from blockrt.errors import UserError, require
+    from blockrt.exporter import PRESETS
+
+    from .serve import engine_specs
+
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve", "blockrt bench --serve")
+    from blockrt.runtime.serve.bench import bench_serve, format_serve
+
+    try:
+        counts = [int(c) for c in clients.split(",")]
+    except ValueError:
+        raise UserError(f"--clients {clients!r}: expected integers like 64,256,1024") from None
+    if any(c < 1 for c in counts):
+        raise UserError(f"--clients {clients!r}: every count must be >= 1")
+    preset = model if model in PRESETS else None
+    artifact = None if preset else Path(model)
+    if artifact is not None and not artifact.is_dir():
+        raise UserError(f"{model} is neither a preset nor an artifact directory")
+    context = prompt_len + 3 + gen_len  # the prompt padded to whole blocks
+    specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, None, dtype, context)
+    results = []
+    for count in counts:
+        results.append(bench_serve(specs, count, requests, prompt_len, gen_len, client_processes, offline))
+        log.info("%d streams: served %.0f tok/s", count, results[-1]["served"]["output_tokens_per_s"])
+    from blockrt.runtime.bench import environment
+
+    if _saved({"environment": environment(), "results": results}, out, as_json):
+        return
+    click.echo(f"{specs[0].describe()}, prompt {prompt_len}, {gen_len} new tokens (EOS ignored), "
+               f"{requests} requests per stream")
+    click.echo(format_serve(results))
+
+
+def _saved(data: dict, out: Path | None, as_json: bool) -> bool:
+    """Save the results to --out; print them as JSON with --json (then True: no table)."""
+    if out:
+        out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        log.info("results saved to %s", out)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, allow_nan=False))
+    return as_json

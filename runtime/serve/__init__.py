@@ -1,8 +1,12 @@
 """blockrt.runtime.serve: serving a model to many clients.
 
-- `scheduler`: the engine thread that owns `model.generator()` (continuous batching; any front end).
-- `app`: the OpenAI-compatible HTTP server (`create_app`, `Server`, `serve`; extra `serve`).
+- `core`: the engine core that drives `model.generator()` (continuous batching), in a thread or in a
+  process of its own (`ModelSpec` says how that process loads the model).
+- `scheduler`: a front end's handle on engine cores (`Scheduler`, `EngineGroup`: least-loaded routing).
+- `app`: the OpenAI-compatible HTTP server (`create_app`, `Server`, `serve`, `HTTPLimits`; extra `serve`).
 - `metrics`: its Prometheus metrics.
+- `loadgen`: a load generator for it (client processes, TTFT/TPOT percentiles); `bench`: served vs
+  offline on one workload (`blockrt bench --serve`).
 - `triton`: the same model as a streaming (decoupled) Triton Inference Server model via PyTriton
   (extra `triton`).
 
@@ -16,8 +20,10 @@ import importlib.util
 
 from blockrt.errors import MissingDependencyError
 
-_EXPORTS = {"create_app": "app", "Server": "app", "serve": "app", "Scheduler": "scheduler", "Metrics": "metrics"}
-_NEEDS = {"app": ("fastapi", "uvicorn", "prometheus_client"), "metrics": ("prometheus_client",), "scheduler": ()}
+_EXPORTS = {"create_app": "app", "Server": "app", "serve": "app", "HTTPLimits": "app", "Scheduler": "scheduler",
+            "EngineGroup": "scheduler", "ModelSpec": "core", "Metrics": "metrics"}
+_NEEDS = {"app": ("fastapi", "uvicorn", "prometheus_client"), "metrics": ("prometheus_client",), "scheduler": (),
+          "core": ()}
 
 __all__ = list(_EXPORTS)
 

@@ -1,11 +1,19 @@
-"""The OpenAI-compatible HTTP server: `create_app(model)` builds the FastAPI app, `Server` runs it
+"""The OpenAI-compatible HTTP server: `create_app(source)` builds the FastAPI app, `Server` runs it
 on a background thread (tests, notebooks) and `serve` in the foreground (`blockrt serve`).
 
-Handlers validate a request (400 with an OpenAI error object, in the words of the request's
-fields), submit it to the engine thread (scheduler.py; 429 when too many wait for a row) and read
-its tokens from an asyncio.Queue that the engine thread fills with `call_soon_threadsafe`.
-Detokenization and stop strings run here, on the event loop, so the engine thread only generates.
+The model runs in engine cores (core.py): in processes of their own when the app is given
+`ModelSpec`s (one per GPU; what `blockrt serve` does), or on a thread of this process when given a
+`Model`. This process only speaks HTTP: it reads and checks a request (the body with a size limit
+and a timeout, JSON parsed off the event loop when large; 400 with an OpenAI error object in the
+words of the request's fields), submits it to the least-loaded engine (429 when too many wait for
+a row), and turns the engine's rounds into responses. A round reaches the event loop in one call;
+each request keeps the tokens it has not sent yet, so a stream sends at most one event per round
+(several rounds' tokens at once when its client lags). Detokenization and stop strings run here.
 A client that disconnects, streaming or not, cancels its request and frees its row.
+
+Shutdown (SIGTERM/SIGINT): stop accepting, let open requests finish for `shutdown_timeout`
+seconds, then end the rest with an OpenAI-shaped error (JSON 503; a stream gets an `error` event,
+`data: [DONE]` and a proper end).
 
 Endpoints: POST /v1/completions (plain or SSE streaming), GET /v1/models, GET /health,
 GET /metrics (Prometheus).
@@ -14,7 +22,6 @@ GET /metrics (Prometheus).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import secrets
@@ -22,42 +29,68 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from blockrt.errors import UserError
 from blockrt.generation import GenerationConfig
 
+from .core import ModelSpec, Update
 from .metrics import Metrics
-from .scheduler import InvalidRequest, QueueFull, Scheduler, ShuttingDown, Update
+from .scheduler import EngineGroup, InvalidRequest, Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
 RETRY_AFTER_S = 1
+PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread
+# pending TCP connections the kernel may hold for accept() (capped at net.core.somaxconn): uvicorn's
+# default of 2048 is exactly the size of a 2-GPU benchmark's burst of new connections
+BACKLOG = 16384
+
+
+@dataclass
+class HTTPLimits:
+    """Limits that protect the server from slow or oversized clients."""
+
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413 before they are parsed
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this
+    body_timeout_s: float = 30.0  # and its body within this (408)
+    shutdown_timeout_s: float = 30.0  # open requests may finish within this after SIGTERM/SIGINT
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1024:
+            raise UserError(f"--max-body-bytes {self.max_body_bytes}: expected at least 1024")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name.replace('_s', '').replace('_', '-')} must be > 0 seconds")
+        if not self.shutdown_timeout_s >= 0:
+            raise UserError(f"--shutdown-timeout {self.shutdown_timeout_s}: expected >= 0 seconds")
 
 
 # ---------------------------------------------------------------------------------- request schema
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     """OpenAI /v1/completions fields, plus the extensions top_k, repetition_penalty, ignore_eos and
-    stop_token_ids. Fields OpenAI has but this server does not implement are accepted only at their
-    neutral value, so a client that sends the defaults works; anything unknown is a 400."""
+    stop_token_ids. Types are strict (no "16" for 16, no Infinity). Fields OpenAI has but this
+    server does not implement are accepted only at their neutral value, so a client that sends the
+    defaults works; anything unknown is a 400."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: Union[str, list[StrictInt]]
+    prompt: Union[str, list[int]]
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(16, ge=1)
     temperature: Optional[float] = Field(1.0, ge=0)
@@ -66,7 +99,7 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     stop: Union[str, list[str], None] = None
-    stop_token_ids: list[StrictInt] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -121,7 +154,7 @@ class _Text:
         self.tokenizer, self.stops = tokenizer, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.tokens: list[int] = []
-        self.text = ""
+        self.text: str | None = "" if tokenizer is not None else None
         self.sent = 0
         self.stopped = False
 
@@ -148,7 +181,10 @@ class _Text:
         hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
 
-    def pending(self, final: bool) -> str:
+    def pending(self, final: bool) -> str | None:
+        """None without a tokenizer."""
+        if self.text is None:
+            return None
         end = len(self.text)
         if not (final or self.stopped):
             end -= self.hold
@@ -162,58 +198,106 @@ class _Text:
 
 # ---------------------------------------------------------------------------------- the app
 
-class _Mailbox:
-    """Hands updates from the engine thread to the event loop. A round ends a block for every
-    running request at once; waking the loop once per round instead of once per request gave
-    about 5% more throughput with 64 streams (tiny_block, 2 CPU cores), where the event loop and
-    the engine thread compete for the GIL."""
+class _Stream:
+    """One job's updates on the event loop: tokens not taken yet and how it ended. A reader that
+    lags takes several rounds' tokens at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, Update]] = []
+    __slots__ = ("tokens", "finish", "error", "shutdown", "waiter")
 
-    def put(self, queue: asyncio.Queue, update: Update) -> None:  # engine thread
-        with self._lock:
-            self._items.append((queue, update))
-            if len(self._items) > 1:  # a drain is already scheduled
-                return
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the event loop is closed: the server stopped
-            pass
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.shutdown = False
+        self.waiter: asyncio.Future | None = None
 
-    def _drain(self) -> None:  # event loop
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, update in items:
-            queue.put_nowait(update)
+    def deliver(self, update: Update) -> None:  # event loop
+        self.tokens += update.tokens
+        if update.finish_reason is not None:
+            self.finish, self.error, self.shutdown = update.finish_reason, update.error, update.shutdown
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[int]:
+        while not self.tokens and self.finish is None:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        tokens, self.tokens = self.tokens, []
+        return tokens
 
 
 class _State:
-    def __init__(self, model, scheduler: Scheduler, metrics: Metrics, model_name: str):
-        self.model, self.scheduler, self.metrics, self.model_name = model, scheduler, metrics, model_name
-        self.tokenizer = model.tokenizer
+    def __init__(self, engines: EngineGroup, metrics: Metrics, model_name: str | None, limits: HTTPLimits,
+                 tokenizer=None):
+        self.engines, self.metrics, self.model_name, self.limits = engines, metrics, model_name, limits
+        self.tokenizer = tokenizer
         self.created = int(time.time())
-        self.mailbox: _Mailbox | None = None  # made with the event loop, at startup
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        info = self.engines.info
+        self.model_name = self.model_name or info.name
+        if self.tokenizer is None and info.tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_str(info.tokenizer_json)
+
+        def apply(pairs: list[tuple[Job, Update]]) -> None:
+            for job, update in pairs:
+                job.deliver(update)
+
+        def dispatch(pairs) -> None:  # the engine's receiving thread: one hop to the loop per round
+            try:
+                loop.call_soon_threadsafe(apply, pairs)
+            except RuntimeError:  # the event loop is closed: the server stopped
+                pass
+
+        self.engines.set_dispatch(dispatch)
+
+    def begin_shutdown(self) -> None:
+        """Event loop: refuse new requests; end the open ones with 503 after the shutdown timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.limits.shutdown_timeout_s
+        log.info("shutting down: open requests may finish within %.0f s", timeout)
+
+        def fail_the_rest() -> None:
+            n = self.engines.fail_open(f"the server is shutting down (open requests got {timeout:g} s to finish)")
+            if n:
+                log.warning("ended %d open requests with an error at shutdown", n)
+
+        self.loop.call_later(timeout, fail_the_rest)
 
 
-def create_app(model, max_queue: int = 256, model_name: str | None = None) -> FastAPI:
-    """An OpenAI-compatible app serving `model` (a blockrt.runtime.Model). It starts the engine
-    thread when the app starts (lifespan) and stops it at shutdown."""
+def create_app(source, max_queue: int = 256, model_name: str | None = None, limits: HTTPLimits | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving `source`: a blockrt.runtime.Model (an engine thread in this
+    process), or one or more `ModelSpec`s (one engine process each, e.g. one per GPU). Engines
+    start when the app starts (lifespan) and stop at shutdown."""
     metrics = Metrics()
-    scheduler = Scheduler(model, max_queue=max_queue, metrics=metrics)
-    name = model_name or (model.directory.name if model.directory is not None else "blockrt")
-    state = _State(model, scheduler, metrics, name)
+    limits = limits or HTTPLimits()
+    if isinstance(source, (ModelSpec, Sequence)):
+        specs = [source] if isinstance(source, ModelSpec) else list(source)
+        engines = EngineGroup([Scheduler.spawn(spec, max_queue, metrics, name=str(i)) for i, spec in enumerate(specs)])
+        tokenizer = None
+    else:
+        engines = EngineGroup([Scheduler(source, max_queue=max_queue, metrics=metrics)])
+        tokenizer = source.tokenizer
+    state = _State(engines, metrics, model_name, limits, tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
-        state.mailbox = _Mailbox(asyncio.get_running_loop())
-        scheduler.start()
+        await asyncio.to_thread(engines.start)
+        state.start(asyncio.get_running_loop())
+        monitor = asyncio.ensure_future(_watch_loop(metrics))
         try:
             yield
         finally:
-            scheduler.stop()
+            monitor.cancel()
+            await asyncio.to_thread(engines.stop)
 
     app = FastAPI(title="blockrt", lifespan=lifespan)
     app.state.blockrt = state
@@ -222,12 +306,6 @@ def create_app(model, max_queue: int = 256, model_name: str | None = None) -> Fa
     async def _api_error(request, exc: APIError):
         metrics.requests.labels(str(exc.status), "error" if exc.status >= 500 else "none").inc()
         return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        message, param = _describe_validation(exc.errors())
-        metrics.requests.labels("400", "none").inc()
-        return APIError(400, message, param=param).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
@@ -242,14 +320,18 @@ def create_app(model, max_queue: int = 256, model_name: str | None = None) -> Fa
 
     @app.get("/health")
     async def health():
-        if not scheduler.alive:
-            return JSONResponse({"status": "engine thread not running"}, status_code=503)
-        return {"status": "ok", "waiting": scheduler.waiting, "running": scheduler.running}
+        if not engines.alive:
+            return JSONResponse({"status": "no engine running"}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok", "waiting": engines.waiting, "running": engines.running,
+                "engines": [{"name": s.name, "alive": s.alive, "open": s.load, "running": s.running,
+                             "waiting": s.waiting} for s in engines.schedulers]}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": state.created,
-                                            "owned_by": "blockrt", "max_model_len": scheduler.max_context}]}
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "blockrt", "max_model_len": engines.info.limits.max_context}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -257,11 +339,17 @@ def create_app(model, max_queue: int = 256, model_name: str | None = None) -> Fa
         return Response(body, media_type=content_type)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompt, config, stops = _parse(body, state)
-        updates: asyncio.Queue[Update] = asyncio.Queue()
+    async def completions(request: Request):
+        if state.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica", type="server_error")
+        raw = await _read_body(request, limits)
+        if len(raw) > PARSE_OFF_LOOP_BYTES:  # parsing megabytes would stall every other request
+            body, prompt, config, stops = await asyncio.to_thread(_parse, raw, state)
+        else:
+            body, prompt, config, stops = _parse(raw, state)
+        stream = _Stream()
         try:
-            job = scheduler.submit(prompt, config, functools.partial(state.mailbox.put, updates))
+            job = engines.submit(prompt, config, stream.deliver)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -270,17 +358,64 @@ def create_app(model, max_queue: int = 256, model_name: str | None = None) -> Fa
         metrics.prompt_tokens.inc(len(prompt))
         text = _Text(state.tokenizer, stops)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
+                "model": state.model_name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return _stream(state, job, updates, text, head, len(prompt), include_usage)
-        return await _complete(state, request, job, updates, text, head, len(prompt))
+            return _stream(state, job, stream, text, head, len(prompt), include_usage)
+        return await _complete(state, request, job, stream, text, head, len(prompt))
 
     return app
 
 
-def _parse(body: CompletionRequest, state: _State) -> tuple[list[int], GenerationConfig, list[str]]:
-    """The request's prompt ids, generation config and stop strings, or an APIError(400)."""
+async def _watch_loop(metrics: Metrics, period_s: float = 0.01) -> None:
+    """Record how late the event loop wakes from a `period_s` sleep: near 0 while it keeps up."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(period_s)
+        metrics.loop_lag.observe(max(0.0, loop.time() - start - period_s))
+
+
+async def _read_body(request: Request, limits: HTTPLimits) -> bytes:
+    """The request body, after checking its content type, size (413 before reading past the
+    limit) and arrival time (408)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"the request's Content-Type is {content_type or 'missing'!r}; send the JSON body with "
+                       "'Content-Type: application/json'", code="unsupported_media_type")
+    limit = limits.max_body_bytes
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                         "(--max-body-bytes)", code="request_too_large", headers={"Connection": "close"})
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                       f"({size} bytes came)", code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise APIError(499, "the client disconnected while sending the request") from None
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes, state: _State) -> tuple[CompletionRequest, list[int], GenerationConfig, list[str]]:
+    """The request, its prompt ids, generation config and stop strings, or an APIError(400)."""
+    try:
+        body = CompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        message, param = _describe_validation(e.errors())
+        raise APIError(400, message, param=param) from None
     if body.model is not None and body.model != state.model_name:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {state.model_name!r} "
                        "(see GET /v1/models)", param="model", code="model_not_found")
@@ -307,10 +442,10 @@ def _parse(body: CompletionRequest, state: _State) -> tuple[list[int], Generatio
                               seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 1),
                               stop_token_ids=list(body.stop_token_ids), ignore_eos=body.ignore_eos)
     try:
-        state.scheduler.check(prompt, config)
+        state.engines.check(prompt, config)
     except InvalidRequest as e:
         raise APIError(400, e.message, param=e.param, code=e.code) from None
-    return prompt, config, stops
+    return body, prompt, config, stops
 
 
 def _describe_validation(errors) -> tuple[str, str | None]:
@@ -341,25 +476,26 @@ def _record(state: _State, status: int, finish_reason: str) -> None:
     state.metrics.requests.labels(str(status), finish_reason).inc()
 
 
-async def _next(updates: asyncio.Queue, job, scheduler: Scheduler, text: _Text) -> tuple[list[int], str | None]:
-    """Await the job's next update: (new ids, finish reason or None); raises APIError(500) for a
-    failed job. A stop string ends it with "stop" and cancels the job."""
-    update = await updates.get()
-    if update.error is not None:
-        raise APIError(500, update.error, type="server_error")
+async def _next(stream: _Stream, job: Job, state: _State, text: _Text) -> tuple[list[int], str | None]:
+    """The job's tokens since the last call: (new ids, finish reason or None); raises APIError
+    (500, or 503 at shutdown) for a failed job. A stop string ends it with "stop" and cancels it."""
+    tokens = await stream.take()
+    if stream.error is not None:
+        raise APIError(503 if stream.shutdown else 500, stream.error, type="server_error")
     before = len(text.tokens)
-    text.add(update.tokens)
+    text.add(tokens)
     if text.stopped:
-        if not update.finished:
-            scheduler.cancel(job)
+        if stream.finish is None:
+            state.engines.cancel(job)
         return text.tokens[before:], "stop"
-    return text.tokens[before:], update.finish_reason
+    return text.tokens[before:], stream.finish
 
 
-async def _complete(state: _State, request: Request, job, updates, text: _Text, head: dict, prompt_len: int):
+async def _complete(state: _State, request: Request, job: Job, stream: _Stream, text: _Text, head: dict,
+                    prompt_len: int):
     async def run() -> str:
         while True:
-            _, finish = await _next(updates, job, state.scheduler, text)
+            _, finish = await _next(stream, job, state, text)
             if finish is not None:
                 return finish
 
@@ -369,13 +505,13 @@ async def _complete(state: _State, request: Request, job, updates, text: _Text, 
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not work.done():  # the client went away (or the server is stopping)
+        if not work.done():  # the client went away
             work.cancel()
-            state.scheduler.cancel(job)
+            state.engines.cancel(job)
             _record(state, 499, "cancelled")
     if not work.done():
         return Response(status_code=499)
-    finish = work.result()  # an APIError(500) for a failed job
+    finish = work.result()  # an APIError for a failed job
     _record(state, 200, finish)
     choice = {"index": 0, "text": text.text, "token_ids": text.tokens, "logprobs": None, "finish_reason": finish}
     return {**head, "choices": [choice], "usage": _usage(prompt_len, len(text.tokens))}
@@ -405,43 +541,100 @@ class _JobStream(StreamingResponse):
             self.on_close()
 
 
-def _stream(state: _State, job, updates, text: _Text, head: dict, prompt_len: int, include_usage: bool):
+def _stream(state: _State, job: Job, stream: _Stream, text: _Text, head: dict, prompt_len: int, include_usage: bool):
     ended = []
+    # every event of this stream starts the same: format that part once
+    prefix = "data: " + json.dumps({**head, "choices": [{"index": 0, "text": None}]})[:-len("null}]}")]
 
-    def event(payload) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
+    def event(payload) -> bytes:
+        return f"data: {json.dumps(payload)}\n\n".encode()
 
     async def chunks():
         while True:
             try:
-                ids, finish = await _next(updates, job, state.scheduler, text)
+                ids, finish = await _next(stream, job, state, text)
             except APIError as e:
-                ended.append((500, "error"))
+                ended.append((e.status, "error"))
                 yield event({"error": {"message": e.message, "type": e.type, "param": None, "code": None}})
-                yield "data: [DONE]\n\n"
+                yield b"data: [DONE]\n\n"
                 return
             piece = text.pending(final=finish is not None)
             if piece or ids or finish:
-                choice = {"index": 0, "text": piece, "token_ids": ids, "logprobs": None, "finish_reason": finish}
-                yield event({**head, "choices": [choice]})
+                yield (f'{prefix}{"null" if piece is None else json.dumps(piece)},"token_ids":[{",".join(map(str, ids))}],'
+                       f'"logprobs":null,"finish_reason":{"null" if finish is None else json.dumps(finish)}}}]}}\n\n'
+                       ).encode()
             if finish is not None:
                 break
         if include_usage:
             yield event({**head, "choices": [], "usage": _usage(prompt_len, len(text.tokens))})
         ended.append((200, finish))
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
 
     def on_close():
         if ended:
             _record(state, *ended[0])
         else:  # the client went away before the end
-            state.scheduler.cancel(job)
+            state.engines.cancel(job)
             _record(state, 499, "cancelled")
 
     return _JobStream(chunks(), on_close)
 
 
 # ---------------------------------------------------------------------------------- running it
+
+def _protocol(header_timeout_s: float):
+    """uvicorn's HTTP/1.1 protocol, closing connections that do not send a request's headers within
+    `header_timeout_s` of connecting or of their last response (half-open sockets would otherwise
+    hold file descriptors until the server can accept no more)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Protocol(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timeout()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_header_timeout()
+
+        def _arm_header_timeout(self):
+            self.loop.call_later(header_timeout_s, self._header_deadline, self.cycle)
+
+        def _header_deadline(self, cycle):
+            if self.cycle is cycle and not self.transport.is_closing():  # no new request since
+                self.transport.close()
+
+    return Protocol
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that starts the app's graceful shutdown when it is told to exit."""
+
+    def __init__(self, config: uvicorn.Config, state: _State):
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.request_shutdown()
+
+    def request_shutdown(self) -> None:
+        self.should_exit = True
+        if self.state.loop is not None:
+            try:
+                self.state.loop.call_soon_threadsafe(self.state.begin_shutdown)
+            except RuntimeError:  # the loop already closed
+                pass
+
+
+def _uvicorn(app: FastAPI, host: str, port: int, log_level: str) -> _Uvicorn:
+    state: _State = app.state.blockrt
+    limits = state.limits
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            http=_protocol(limits.header_timeout_s), backlog=BACKLOG,
+                            timeout_graceful_shutdown=limits.shutdown_timeout_s + 5)
+    return _Uvicorn(config, state)
+
 
 class Server:
     """uvicorn on a background thread, for tests and notebooks:
@@ -452,8 +645,8 @@ class Server:
     port 0 picks a free port (see `.port` once started)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                     lifespan="on", timeout_graceful_shutdown=5))
+        self.app = app
+        self._server = _uvicorn(app, host, port, log_level)
         self.host, self.port = host, port
         self._thread: threading.Thread | None = None
 
@@ -461,7 +654,8 @@ class Server:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 600.0) -> "Server":
+        """Start serving; waits for the engines to load (up to `timeout` seconds)."""
         self._thread = threading.Thread(target=self._server.run, name="blockrt-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -472,8 +666,9 @@ class Server:
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._server.should_exit = True
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shut down gracefully (as on SIGTERM) and wait for it."""
+        self._server.request_shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -485,10 +680,13 @@ class Server:
         self.stop()
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, model_name: str | None = None,
-          log_level: str = "info") -> None:
-    """Serve `model` until interrupted (Ctrl-C)."""
+def serve(source, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, model_name: str | None = None,
+          limits: HTTPLimits | None = None, log_level: str = "info") -> None:
+    """Serve `source` (a Model, or ModelSpecs for engine processes) until SIGTERM or SIGINT."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: expected 0..65535")
-    uvicorn.run(create_app(model, max_queue=max_queue, model_name=model_name), host=host, port=port,
-                log_level=log_level, timeout_graceful_shutdown=10)
+    app = create_app(source, max_queue=max_queue, model_name=model_name, limits=limits)
+    engines = app.state.blockrt.engines
+    engines.start()  # load the model first: a bad artifact or device is a clear error, not a failed startup
+    log.info("serving on http://%s:%d: %s (queue limit %d per engine)", host, port, engines.info.name, max_queue)
+    _uvicorn(app, host, port, log_level).run()

@@ -1,32 +1,38 @@
-"""The engine thread: the one place that drives a model's `Generator` for a server.
+"""A front end's handle on engine cores (core.py): `Scheduler(model)` runs a core on a thread of
+this process, `Scheduler.spawn(spec)` in a process of its own (the GPU loop then never shares a
+GIL with HTTP work); `EngineGroup` puts several behind one front end (one per GPU) and sends each
+job to the least-loaded one.
 
-Front ends (the HTTP app, the Triton model) run on other threads. They `submit` a job with a
-`deliver` callback and may `cancel` it; both only touch a locked inbox and wake the engine thread.
-The engine thread takes the inbox between rounds, queues new jobs on the generator (they join the
-batch at the next block boundary), calls `generator.step()` while any work exists, and hands each
-job its new tokens through `deliver` (called on the engine thread: it must only hand the update
-over, e.g. with `loop.call_soon_threadsafe`). With no work it sleeps on a condition variable.
-
-Every accepted job gets exactly one final update (`finish_reason` set, or `error`). A generator
-exception fails the sequences it was running and keeps the ones still waiting in its queue.
+`submit` checks for room (a job may wait for a row only while fewer than `max_queue` do), gives
+the job an id and sends it to the core; `cancel` forgets it at once (later tokens are dropped)
+and frees its row at the core's next round. Each `Round` from the core is handed over in one
+piece: `dispatch([(job, update), ...])`, by default calling each job's `deliver(update)` on the
+receiving thread (the engine thread, or the handle's reader thread for a process). An event-loop
+front end passes a `dispatch` that hops to its loop once per round instead of once per token.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from blockrt.errors import UserError
 from blockrt.generation import ContextTooLong, GenerationConfig, RequestError, check_request
 
+from .core import Add, Cancel, EngineCore, ModelInfo, ModelSpec, Round, Update, run_core_process
+
 if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Scheduler", "EngineGroup", "Job", "Update", "QueueFull", "InvalidRequest", "ShuttingDown"]
 
 _DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generator -> the Scheduler driving it
 
@@ -49,231 +55,294 @@ class InvalidRequest(UserError):
 
 
 class ShuttingDown(Exception):
-    """The scheduler is stopping and takes no new jobs."""
+    """The engine is stopping (or stopped) and takes no new jobs."""
 
 
-@dataclass
-class Update:
-    """New tokens of one job; the last update has `finish_reason` ("stop", "length", "cancelled",
-    "error") and, for "error", a message in `error`."""
-
-    tokens: list[int]
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
-    prompt: list[int]
-    config: GenerationConfig
+    id: int
     deliver: Callable[[Update], None]
-    submitted_at: float = field(default_factory=time.perf_counter)
-    # engine thread only:
-    request: object | None = None  # the generator's Request once queued there
+    owner: "Scheduler"
+    submitted_at: float
     first_token_at: float | None = None
     done: bool = False
 
 
-class Scheduler:
-    def __init__(self, model, max_queue: int = 256, metrics: Metrics | None = None):
-        if max_queue < 1:
-            raise UserError(f"max_queue must be >= 1, got {max_queue}")
-        self.model, self.max_queue, self.metrics = model, max_queue, metrics
-        self.generator = model.generator()
-        self._cond = threading.Condition()
-        self._inbox: list[Job] = []
-        self._cancels: list[Job] = []
-        self._waiting = 0  # accepted jobs without a batch row yet (inbox + generator queue)
-        self._running = 0  # rows generating
-        self._stopping = False
-        self._jobs: dict[int, Job] = {}  # generator request id -> job (engine thread only)
-        self._thread: threading.Thread | None = None
-        manifest = model.manifest
-        self.max_context = manifest.limits.max_context
+def check_for_api(info: ModelInfo, prompt: list[int], config: GenerationConfig) -> None:
+    """Raise InvalidRequest, in the words of a completion request (max_tokens for max_new_tokens),
+    for what the model's generator would reject (`check_request`, the generator's own check)."""
+    try:
+        check_request(prompt, config, info.limits)
+    except RequestError as e:
+        param = "max_tokens" if e.field == "max_new_tokens" else e.field
+        code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
+        raise InvalidRequest(str(e).replace("max_new_tokens", "max_tokens"), param, code) from None
 
-    # ------------------------------------------------------------------ any thread
-    def start(self) -> None:
-        """Start the engine thread; a model's generator takes one engine thread at a time."""
-        other = _DRIVERS.get(self.generator)
-        if other is not None and other is not self and other.alive:
-            raise UserError("this model is already served by another engine thread (its generator is not "
-                            "thread-safe): serve each Model from one app or Triton server")
-        _DRIVERS[self.generator] = self
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="blockrt-engine", daemon=True)
-            self._thread.start()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the engine thread; jobs still open get an error update."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def check(self, prompt: list[int], config: GenerationConfig) -> None:
-        """Raise InvalidRequest, in the words of a completion request (max_tokens for
-        max_new_tokens), for what the generator would reject (`check_request`, the generator's own
-        check). Reads only fixed attributes: any thread may call it."""
-        try:
-            check_request(prompt, config, self.generator.limits)
-        except RequestError as e:
-            param = "max_tokens" if e.field == "max_new_tokens" else e.field
-            code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
-            raise InvalidRequest(str(e).replace("max_new_tokens", "max_tokens"), param, code) from None
-
-    def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None]) -> Job:
-        """Accept a job or raise QueueFull (nothing accepted). Call `check` first: what the
-        generator still rejects comes back as an error update."""
-        job = Job(list(prompt), config, deliver)
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
-            if self._waiting >= self.max_queue:
-                raise QueueFull(self._waiting, self.max_queue)
-            self._waiting += 1
-            self._inbox.append(job)
-            self._cond.notify()
-        if self.metrics:
-            self.metrics.queue_depth.set(self._waiting)
-        return job
-
-    def cancel(self, job: Job) -> None:
-        """Stop a job (client gone, stop string seen); its row frees at the next round. Idempotent."""
-        with self._cond:
-            self._cancels.append(job)
-            self._cond.notify()
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
-        try:
-            self._loop()
-            reason = "the server is shutting down"
-        except BaseException as e:  # a bug here must not leave requests waiting forever
-            log.exception("the engine thread stopped")
-            reason = f"the engine thread stopped: {type(e).__name__}: {e}"
-            with self._cond:
-                self._stopping = True
-        self._shutdown(reason)
-
-    def _loop(self) -> None:
-        gen = self.generator
-        while True:
-            with self._cond:
-                while not (self._inbox or self._cancels or self._stopping or gen.has_work):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, []
-            for job in cancels:
-                self._cancel(job)
-            for job in inbox:
-                self._queue(job)
-            if gen.has_work:
-                self._step()
-            self._publish()
-
-    def _queue(self, job: Job) -> None:
-        if job.done:  # cancelled before it reached the generator
-            return
-        try:
-            job.request = self.generator.add(job.prompt, job.config)
-        except Exception as e:  # `check` passed, so this is the server's fault: fail this job only
-            self._finish(job, Update([], "error", f"{type(e).__name__}: {e}"))
-            return
-        self._jobs[job.request.id] = job
-
-    def _cancel(self, job: Job) -> None:
-        if job.done:
-            return
-        if job.request is not None:
-            self.generator.cancel(job.request)
-            self._jobs.pop(job.request.id, None)
-        self._finish(job, Update([], "cancelled"))
-
-    def _step(self) -> None:
-        try:
-            events = self.generator.step()
-        except Exception as e:  # a device or engine failure: fail what ran, keep serving
-            log.exception("generator step failed")
-            self._recover(f"generation failed: {type(e).__name__}: {e}")
-            return
-        now = time.perf_counter()
-        for event in events:
-            job = self._jobs.get(event.request.id)
-            if job is None or job.done:
-                continue
-            if event.tokens and job.first_token_at is None:
-                job.first_token_at = now
-                if self.metrics:
-                    self.metrics.ttft.observe(now - job.submitted_at)
-            if self.metrics and event.tokens:
-                self.metrics.generated_tokens.inc(len(event.tokens))
-            if event.finished:
-                del self._jobs[event.request.id]
-                self._finish(job, Update(list(event.tokens), event.request.finish_reason))
-            else:
-                self._deliver(job, Update(list(event.tokens)))
-
-    def _recover(self, message: str) -> None:
-        """After a failed step: requests still in the generator's queue were not touched, so they
-        are queued again on the reset generator; every other open job fails."""
-        gen = self.generator
-        untouched = [self._jobs.pop(r.id) for r in gen.queue if r.id in self._jobs]
-        gen.reset()
-        failed, self._jobs = list(self._jobs.values()), {}
-        for job in failed:
-            self._finish(job, Update([], "error", message))
-        for job in untouched:
-            job.request = None
-            self._queue(job)
-
-    def _finish(self, job: Job, update: Update) -> None:
-        job.done = True
-        if self.metrics:
-            self.metrics.latency.observe(time.perf_counter() - job.submitted_at)
-        self._deliver(job, update)
-
-    def _deliver(self, job: Job, update: Update) -> None:
+def _deliver_each(pairs: list[tuple[Job, Update]]) -> None:
+    for job, update in pairs:
         try:
             job.deliver(update)
         except Exception:  # a front end that went away must not stop the engine
             log.exception("delivering tokens failed")
 
-    def _publish(self) -> None:
-        gen = self.generator
-        running = sum(1 for r in gen.rows if not r.finished)
-        with self._cond:
-            self._waiting = len(self._inbox) + sum(1 for r in gen.queue if not r.finished)
-            self._running = running
-        if self.metrics:
-            self.metrics.queue_depth.set(self._waiting)
-            self.metrics.running.set(running)
 
-    def _shutdown(self, reason: str) -> None:
-        with self._cond:
-            inbox, self._inbox = self._inbox, []
-        self.generator.reset()
-        for job in [*self._jobs.values(), *inbox]:
-            if not job.done:
-                self._finish(job, Update([], "error", reason))
-        self._jobs = {}
-        self._publish()
+class Scheduler:
+    """One engine core seen from a front end. `Scheduler(model)`: the core runs on a thread of
+    this process; `Scheduler.spawn(spec)`: in a process that loads the model itself."""
+
+    def __init__(self, model=None, max_queue: int = 256, metrics: Metrics | None = None, name: str = "0",
+                 *, spec: ModelSpec | None = None):
+        if max_queue < 1:
+            raise UserError(f"max_queue must be >= 1, got {max_queue}")
+        if (model is None) == (spec is None):
+            raise ValueError("give a model (engine thread) or a spec (engine process)")
+        self.model, self.spec = model, spec
+        self.max_queue, self.metrics, self.name = max_queue, metrics, name
+        self.dispatch: Callable[[list[tuple[Job, Update]]], None] = _deliver_each
+        self.info: ModelInfo | None = ModelInfo.of(model) if model is not None else None
+        self.waiting = 0  # as of the core's last round
+        self.running = 0
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._alive = False
+        self._core: EngineCore | None = None
+        self._thread: threading.Thread | None = None  # engine thread, or reader thread of a process
+        self._process = None
+        self._connection = None
+        self._send_lock = threading.Lock()
+
+    @classmethod
+    def spawn(cls, spec: ModelSpec, max_queue: int = 256, metrics: Metrics | None = None, name: str = "0") -> "Scheduler":
+        return cls(None, max_queue, metrics, name, spec=spec)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the core and wait until it serves (a process loads its model first)."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the core without waiting for a process to load its model (see `wait_ready`)."""
+        if self.model is not None:
+            generator = self.model.generator()
+            other = _DRIVERS.get(generator)
+            if other is not None and other is not self and other.alive:
+                raise UserError("this model is already served by another engine thread (its generator is not "
+                                "thread-safe): serve each Model from one app or Triton server")
+            _DRIVERS[generator] = self
+            if self._thread is None:
+                self._core = EngineCore(self.model, self._on_round)
+                self._alive = True
+                self._thread = threading.Thread(target=self._core.run, name=f"blockrt-engine-{self.name}", daemon=True)
+                self._thread.start()
+            return
+        if self._process is None:
+            context = multiprocessing.get_context("spawn")
+            self._connection, child = context.Pipe()
+            self._process = context.Process(target=run_core_process, args=(self.spec, child),
+                                            name=f"blockrt-engine-{self.name}", daemon=True)
+            self._process.start()
+            child.close()
+
+    def wait_ready(self) -> None:
+        if self.model is not None or self._alive:
+            return
+        try:
+            hello = self._connection.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise UserError(f"the engine process for {self.spec.describe()} exited while loading the model "
+                            f"(exit code {self._process.exitcode}); see its log above") from None
+        if isinstance(hello, tuple):
+            self._process.join(5)
+            raise UserError(f"engine {self.name} ({self.spec.describe()}): {hello[1]}")
+        self.info = hello
+        self._alive = True
+        self._thread = threading.Thread(target=self._read, name=f"blockrt-engine-{self.name}-reader", daemon=True)
+        self._thread.start()
+        log.info("engine %s ready: %s (%s on %s), batch %d", self.name, self.spec.describe(), hello.backend, hello.device,
+                 hello.max_batch)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the core; jobs still open get an error update."""
+        self._stopping = True
+        if self._core is not None:
+            self._core.stop()
+        elif self._process is not None:
+            try:
+                self._send(None)
+            except OSError:  # already gone
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                log.warning("engine %s did not stop in %s s: killing it", self.name, timeout)
+                self._process.kill()
+                self._process.join()
+            self._process = None
+        self._alive = False
+
+    @property
+    def alive(self) -> bool:
+        return self._alive and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def load(self) -> int:
+        """Open jobs (running or waiting)."""
+        return len(self._jobs)
+
+    # ------------------------------------------------------------------ jobs (any thread)
+    def check(self, prompt: list[int], config: GenerationConfig) -> None:
+        check_for_api(self.info, prompt, config)
+
+    def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None]) -> Job:
+        """Accept a job or raise QueueFull / ShuttingDown (nothing accepted). Call `check` first:
+        what the generator still rejects comes back as an error update."""
+        with self._lock:
+            if self._stopping or not self.alive:
+                raise ShuttingDown("the server is shutting down" if self._stopping else "the engine is not running")
+            waiting = len(self._jobs) - self.info.max_batch
+            if waiting >= self.max_queue:
+                raise QueueFull(waiting, self.max_queue)
+            job = Job(next(self._ids), deliver, self, time.perf_counter())
+            self._jobs[job.id] = job
+        self._send([Add(job.id, list(prompt), config)])
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job (client gone, stop string seen); no update reaches it after this. Idempotent."""
+        with self._lock:
+            if self._jobs.pop(job.id, None) is None:
+                return
+            job.done = True
+        self._send([Cancel(job.id)])
+
+    def fail_open(self, message: str) -> int:
+        """End every open job with an error update (shutdown=True), freeing their rows; how many."""
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+            for job in jobs:
+                job.done = True
+        if jobs:
+            if self.alive:
+                self._send([Cancel(job.id) for job in jobs])
+            self.dispatch([(job, Update(job.id, [], "error", message, shutdown=True)) for job in jobs])
+        return len(jobs)
+
+    def _send(self, commands) -> None:
+        if self._core is not None:
+            self._core.put(commands)
+            return
+        with self._send_lock:
+            self._connection.send(commands)
+
+    # ------------------------------------------------------------------ rounds (receiving thread)
+    def _read(self) -> None:
+        try:
+            while True:
+                self._on_round(self._connection.recv())
+        except (EOFError, OSError):
+            pass
+        self._alive = False
+        if self._stopping:
+            self.fail_open("the server is shutting down")
+            return
+        self._process.join(5)
+        log.error("engine %s stopped (exit code %s)", self.name, self._process.exitcode)
+        self.fail_open(f"the engine process stopped (exit code {self._process.exitcode})")
+
+    def _on_round(self, round_: Round) -> None:
+        now = time.perf_counter()
+        pairs, tokens, ttfts, latencies = [], 0, [], []
+        with self._lock:
+            for update in round_.updates():
+                job = self._jobs.get(update.job)
+                if job is None:  # cancelled
+                    continue
+                tokens += len(update.tokens)
+                if update.tokens and job.first_token_at is None:
+                    job.first_token_at = now
+                    ttfts.append(now - job.submitted_at)
+                if update.finished:
+                    del self._jobs[update.job]
+                    job.done = True
+                    if update.error is None:
+                        latencies.append(now - job.submitted_at)
+                pairs.append((job, update))
+        self.waiting, self.running = round_.waiting, round_.running
+        if self.metrics is not None:
+            self.metrics.record_round(self.name, tokens, ttfts, latencies, round_.waiting, round_.running)
+        if pairs:
+            self.dispatch(pairs)
+
+
+class EngineGroup:
+    """Several engine cores behind one front end (e.g. one per GPU), with one Scheduler's
+    interface: each job goes to the least-loaded live core that has room."""
+
+    def __init__(self, schedulers: list[Scheduler]):
+        if not schedulers:
+            raise ValueError("an engine group needs at least one engine")
+        self.schedulers = schedulers
+
+    def start(self) -> None:
+        for s in self.schedulers:  # processes load their models in parallel
+            s.launch()
+        try:
+            for s in self.schedulers:
+                s.wait_ready()
+        except BaseException:
+            self.stop(5)
+            raise
+        first = self.info
+        for s in self.schedulers[1:]:
+            if s.info.limits != first.limits:
+                raise UserError(f"engine {s.name} serves a different model than engine {self.schedulers[0].name}")
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        for s in self.schedulers:
+            s.stop(timeout)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.schedulers[0].info
+
+    @property
+    def alive(self) -> bool:
+        return any(s.alive for s in self.schedulers)
+
+    @property
+    def waiting(self) -> int:
+        return sum(s.waiting for s in self.schedulers)
+
+    @property
+    def running(self) -> int:
+        return sum(s.running for s in self.schedulers)
+
+    def set_dispatch(self, dispatch: Callable[[list[tuple[Job, Update]]], None]) -> None:
+        for s in self.schedulers:
+            s.dispatch = dispatch
+
+    def check(self, prompt: list[int], config: GenerationConfig) -> None:
+        check_for_api(self.info, prompt, config)
+
+    def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None]) -> Job:
+        error: Exception = ShuttingDown("no engine is running")
+        for s in sorted((s for s in self.schedulers if s.alive), key=lambda s: s.load):
+            try:
+                return s.submit(prompt, config, deliver)
+            except (QueueFull, ShuttingDown) as e:
+                error = e
+        raise error
+
+    def cancel(self, job: Job) -> None:
+        job.owner.cancel(job)
+
+    def fail_open(self, message: str) -> int:
+        return sum(s.fail_open(message) for s in self.schedulers)

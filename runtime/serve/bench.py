@@ -1,0 +1,134 @@
+"""`blockrt bench --serve`: the served throughput of a model next to the offline engine's, on the
+same workload in the same run, so the ratio is always measured side by side.
+
+1. `blockrt serve`'s stack starts on loopback (HTTP in this process, one engine process per device).
+2. A warm-up load (every client, one request) captures the CUDA graphs the run needs; then the
+   measured load: `clients` streams x `requests` each (loadgen.py, several client processes).
+3. The server stops and the offline engine (`Model.generate`, one process per device, batch = the
+   streams per device) runs the same number of prompts of the same lengths, after its own warm-up.
+
+Both report output tokens/s over the wall time and per-request TTFT / TPOT percentiles
+(TPOT = (end - first token) / (tokens - 1)).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from dataclasses import replace
+
+from .core import ModelSpec
+from .loadgen import Load, percentiles, run_load
+
+log = logging.getLogger(__name__)
+
+
+def _offline_process(spec: ModelSpec, prompts: int, prompt_len: int, gen_len: int, out) -> None:
+    from blockrt.generation import GenerationConfig
+    from blockrt.runtime.bench import random_prompts
+
+    model = spec.load()
+    ids = random_prompts(prompts, prompt_len, min(model.config.vocab_size, 500))
+    config = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
+    model.generate(ids[:model.max_batch], config)  # warm-up: captures the CUDA graphs
+    out.send("ready")
+    out.recv()  # every device starts together
+    start = time.perf_counter()
+    results = model.generate(ids, config)
+    end = time.perf_counter()
+    out.send({"start": start, "end": end, "tokens": sum(len(r.token_ids) for r in results),
+              "ttft": [r.time_to_first_token_s for r in results],
+              "tpot": [(r.latency_s - r.time_to_first_token_s) / (len(r.token_ids) - 1) for r in results
+                       if len(r.token_ids) > 1]})
+
+
+def bench_offline(specs: list[ModelSpec], prompts: int, prompt_len: int, gen_len: int) -> dict:
+    """`prompts` prompts split over one offline engine process per spec, run at the same time."""
+    context = multiprocessing.get_context("spawn")
+    workers, pipes = [], []
+    share, extra = divmod(prompts, len(specs))
+    for i, spec in enumerate(specs):
+        mine, theirs = context.Pipe()
+        worker = context.Process(target=_offline_process, args=(spec, share + (i < extra), prompt_len, gen_len, theirs), daemon=True)
+        worker.start()
+        theirs.close()
+        workers.append(worker)
+        pipes.append(mine)
+    try:
+        for pipe in pipes:
+            if pipe.recv() != "ready":
+                raise RuntimeError("an offline engine process failed to start")
+        for pipe in pipes:
+            pipe.send("go")
+        parts = [pipe.recv() for pipe in pipes]
+    except EOFError:
+        raise RuntimeError("an offline engine process failed; see its log above") from None
+    finally:
+        for worker in workers:
+            worker.join(60)
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "ttft_s": percentiles([t for p in parts for t in p["ttft"]]),
+            "tpot_s": percentiles([t for p in parts for t in p["tpot"]])}
+
+
+def bench_serve(specs: list[ModelSpec], clients: int, requests: int, prompt_len: int, gen_len: int,
+                client_processes: int = 4, offline: bool = True) -> dict:
+    """Served vs offline on one workload; a dict with both summaries and their ratios."""
+    from .app import Server, create_app
+
+    per_device = math.ceil(clients / len(specs))
+    specs = [replace(s, max_batch=per_device) for s in specs]
+    load = Load(clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=gen_len)
+    log.info("serving %s on %d engine(s), batch %d each", specs[0].describe(), len(specs), per_device)
+    with Server(create_app(specs, max_queue=clients)) as server:
+        log.info("warm-up: %d clients x 1 request", clients)
+        run_load(server.url, replace(load, requests=1, seed=1), client_processes)
+        log.info("measured: %d clients x %d requests, prompt %d, %d new tokens", clients, requests, prompt_len, gen_len)
+        lag = server.app.state.blockrt.metrics.loop_lag
+        before = _sum_count(lag)
+        served = run_load(server.url, load, client_processes)
+        after = _sum_count(lag)
+        served["event_loop_lag_mean_s"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    if served["failed"]:
+        raise RuntimeError(f"{sum(served['failed'].values())} served requests failed ({served['failed']}): "
+                           f"{served['first_error']}")
+    result = {"model": specs[0].describe(), "devices": [s.device for s in specs], "clients": clients,
+              "requests_per_client": requests, "prompt_len": prompt_len, "gen_len": gen_len, "batch_per_engine": per_device,
+              "served": served}
+    if offline:
+        log.info("offline: %d prompts on %d engine(s), batch %d each", clients * requests, len(specs), per_device)
+        off = bench_offline(specs, clients * requests, prompt_len, gen_len)
+        result["offline"] = off
+        result["ratio"] = {"output_tokens_per_s": served["output_tokens_per_s"] / off["output_tokens_per_s"],
+                           "tpot_p50": served["tpot_s"]["p50"] / off["tpot_s"]["p50"]}
+    return result
+
+
+def _sum_count(histogram) -> tuple[float, float]:
+    values = {s.name: s.value for metric in histogram.collect() for s in metric.samples}
+    return values[f"{histogram._name}_sum"], values[f"{histogram._name}_count"]
+
+
+def format_serve(results: list[dict]) -> str:
+    """One table: served and offline rows per workload, with the ratio."""
+    head = ["streams", "engines", "run", "out tok/s", "ratio", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
+            "HTTP loop lag ms"]
+    rows = []
+    for r in results:
+        for run in ("served", "offline"):
+            if run not in r:
+                continue
+            x = r[run]
+            ratio = f"{100 * r['ratio']['output_tokens_per_s']:.0f}%" if run == "served" and "ratio" in r else ""
+            rows.append([f"{r['clients']}x{r['requests_per_client']}", str(len(r["devices"])), run,
+                         f"{x['output_tokens_per_s']:,.0f}", ratio, f"{x['ttft_s']['p50']:.3f}", f"{x['ttft_s']['p99']:.3f}",
+                         f"{1e3 * x['tpot_s']['p50']:.2f}", f"{1e3 * x['tpot_s']['p99']:.2f}",
+                         f"{1e3 * x['event_loop_lag_mean_s']:.2f}" if "event_loop_lag_mean_s" in x else ""])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)

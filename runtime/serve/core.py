@@ -1,0 +1,320 @@
+"""The engine core: the one loop that drives a model's `Generator` for a server, in a thread of the
+server's process (`EngineCore`, for a `Model` object you hold) or in a process of its own
+(`run_core_process`, spawned from a picklable `ModelSpec` that loads the model there).
+
+It speaks in batches: front ends send `Add` / `Cancel` commands, and the core answers with one
+`Round` per generator step holding every job's new tokens and the batch's queue and row counts.
+Between rounds it takes every command that arrived (a burst of requests joins the batch at the
+same round and is prefilled together), so a process needs one message per request in and one per
+round out; nothing per token crosses to the HTTP process.
+
+Every accepted job gets exactly one final update (`finish_reason` set), unless it was cancelled.
+A generator exception fails the sequences it was running and keeps the ones still queued.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from blockrt.errors import UserError
+from blockrt.generation import GenerationConfig, RequestLimits
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ messages
+
+@dataclass(slots=True)
+class Add:
+    job: int
+    prompt: list[int]
+    config: GenerationConfig
+
+
+@dataclass(slots=True)
+class Cancel:
+    job: int
+
+
+@dataclass(slots=True)
+class Update:
+    """New tokens of one job; the last update has `finish_reason` ("stop", "length", "error")
+    and, for "error", a message in `error` (`shutdown` when the server is stopping)."""
+
+    job: int
+    tokens: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+    shutdown: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Round:
+    """What one step of the core produced, and the batch after it, in columns (plain lists pickle
+    about 30 times faster than as many small objects: 0.7 ms instead of 20 ms for 1024 jobs on a
+    slow CPU)."""
+
+    jobs: list[int]  # jobs with news
+    tokens: list[list[int]]  # their new tokens
+    finished: dict[int, tuple[str, str | None, bool]]  # job -> (finish_reason, error, shutdown) of those that ended
+    waiting: int  # jobs without a batch row
+    running: int  # rows generating
+
+    @classmethod
+    def of(cls, updates: list[Update], waiting: int, running: int) -> "Round":
+        return cls([u.job for u in updates], [u.tokens for u in updates],
+                   {u.job: (u.finish_reason, u.error, u.shutdown) for u in updates if u.finish_reason is not None},
+                   waiting, running)
+
+    def updates(self) -> Iterator[Update]:
+        finished = self.finished
+        for job, tokens in zip(self.jobs, self.tokens):
+            end = finished.get(job)
+            yield Update(job, tokens) if end is None else Update(job, tokens, *end)
+
+
+@dataclass
+class ModelInfo:
+    """What a front end needs to know of the model served by a core (sent once by a core process)."""
+
+    name: str
+    limits: RequestLimits  # what a request may ask (check_request)
+    max_batch: int
+    backend: str
+    device: str
+    tokenizer_json: str | None = None
+
+    @classmethod
+    def of(cls, model, name: str | None = None) -> "ModelInfo":
+        tokenizer = model.tokenizer.to_str() if model.tokenizer is not None else None
+        return cls(name or (model.directory.resolve().name if model.directory is not None else "blockrt"),
+                   model.generator().limits, model.max_batch, getattr(model, "backend", "torch"), str(model.device),
+                   tokenizer)
+
+
+@dataclass
+class ModelSpec:
+    """How a core process gets its model: an artifact directory, a preset with random weights
+    (PyTorch engine), or any picklable `factory()` returning a Model. `device` "cuda:N" makes
+    the process see only GPU N."""
+
+    artifact: str | None = None
+    preset: str | None = None
+    backend: str = "auto"
+    device: str | None = None
+    max_batch: int | None = None
+    dtype: str = "bf16"
+    max_context: int = 2304
+    seed: int = 0
+    factory: Callable | None = None
+    name: str | None = None
+
+    def describe(self) -> str:
+        return self.artifact or self.preset or getattr(self.factory, "__name__", "model")
+
+    def load(self):
+        from blockrt.runtime import Model
+
+        device = self.device
+        if device is not None and device.startswith("cuda:"):  # this process sees only that GPU
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            index = int(device.split(":")[1])
+            ids = visible.split(",") if visible else None
+            if ids is not None and index >= len(ids):
+                raise UserError(f"device {device}: only {len(ids)} GPUs are visible (CUDA_VISIBLE_DEVICES={visible})")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if ids else str(index)
+            device = "cuda"
+        if self.factory is not None:
+            return self.factory()
+        if self.preset is not None:
+            import torch
+
+            from blockrt.exporter import build_model, get_preset, init_random
+            from blockrt.exporter.config import TORCH_DTYPES
+
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            with torch.device(dev):
+                weights = build_model(get_preset(self.preset))
+            weights = init_random(weights, seed=self.seed).to(TORCH_DTYPES[self.dtype]).eval()
+            return Model.from_torch(weights, dtype=self.dtype, max_batch=self.max_batch or 256,
+                                    max_context=self.max_context, device=str(dev))
+        return Model.load(self.artifact, backend=self.backend, device=device, max_batch=self.max_batch)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+class EngineCore:
+    """Drives one model's generator. `put` (any thread) hands it commands; `run` (its own
+    thread) loops until `stop`, calling `emit(round)` after every step."""
+
+    def __init__(self, model, emit: Callable[[Round], None]):
+        self.generator = model.generator()
+        self.emit = emit
+        self._cond = threading.Condition()
+        self._inbox: list[Add | Cancel] = []
+        self._stopping = False
+        self._jobs: dict[int, int] = {}  # generator request id -> job id
+        self._requests: dict[int, object] = {}  # job id -> generator request
+        self.seconds = {"idle": 0.0, "commands": 0.0, "step": 0.0, "emit": 0.0}  # where the loop's time went
+        self.rounds = 0
+
+    def put(self, commands: list[Add | Cancel]) -> None:
+        with self._cond:
+            self._inbox += commands
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        try:
+            self._loop()
+            reason = "the server is shutting down"
+        except BaseException as e:  # a bug here must not leave requests waiting forever
+            log.exception("the engine core stopped")
+            reason = f"the engine stopped: {type(e).__name__}: {e}"
+        if self.rounds:
+            log.info("engine core: %d rounds; per round %s", self.rounds,
+                     ", ".join(f"{k} {1e3 * v / self.rounds:.2f} ms" for k, v in self.seconds.items()))
+        self.generator.reset()
+        updates = [Update(job, [], "error", reason, shutdown=True) for job in self._requests]
+        with self._cond:
+            updates += [Update(c.job, [], "error", reason, shutdown=True) for c in self._inbox if isinstance(c, Add)]
+            self._inbox = []
+        self._jobs, self._requests = {}, {}
+        self.emit(Round.of(updates, 0, 0))
+
+    def _loop(self) -> None:
+        gen, seconds = self.generator, self.seconds
+        clock = time.perf_counter
+        while True:
+            t0 = clock()
+            with self._cond:
+                while not (self._inbox or self._stopping or gen.has_work):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+            t1 = clock()
+            updates: list[Update] = []
+            for command in inbox:
+                if isinstance(command, Add):
+                    self._add(command, updates)
+                else:
+                    self._cancel(command.job)
+            t2 = clock()
+            if gen.has_work:
+                self._step(updates)
+                self.rounds += 1
+            t3 = clock()
+            self.emit(Round.of(updates, len(gen.waiting), gen.running))
+            t4 = clock()
+            seconds["idle"] += t1 - t0
+            seconds["commands"] += t2 - t1
+            seconds["step"] += t3 - t2
+            seconds["emit"] += t4 - t3
+
+    def _add(self, command: Add, updates: list[Update]) -> None:
+        try:
+            request = self.generator.add(command.prompt, command.config)
+        except Exception as e:  # the front end checked it, so this is the server's fault: fail this job only
+            updates.append(Update(command.job, [], "error", f"{type(e).__name__}: {e}"))
+            return
+        self._jobs[request.id] = command.job
+        self._requests[command.job] = request
+
+    def _cancel(self, job: int) -> None:
+        request = self._requests.pop(job, None)
+        if request is not None:
+            self.generator.cancel(request)
+            self._jobs.pop(request.id, None)
+
+    def _step(self, updates: list[Update]) -> None:
+        try:
+            events = self.generator.step()
+        except Exception as e:  # a device or engine failure: fail what ran, keep serving
+            log.exception("generator step failed")
+            self._recover(f"generation failed: {type(e).__name__}: {e}", updates)
+            return
+        jobs = self._jobs
+        for event in events:
+            job = jobs.get(event.request.id)
+            if job is None:
+                continue
+            if event.finished:
+                del jobs[event.request.id]
+                del self._requests[job]
+                updates.append(Update(job, event.tokens, event.request.finish_reason))
+            elif event.tokens:
+                updates.append(Update(job, event.tokens))
+
+    def _recover(self, message: str, updates: list[Update]) -> None:
+        """After a failed step: requests still in the generator's queue were not touched, so they
+        are queued again on the reset generator; every other open job fails."""
+        gen = self.generator
+        untouched = [(self._jobs[r.id], r) for r in gen.queue if r.id in self._jobs]
+        gen.reset()
+        failed = set(self._requests) - {job for job, _ in untouched}
+        self._jobs, self._requests = {}, {}
+        updates += [Update(job, [], "error", message) for job in failed]
+        for job, r in untouched:
+            self._add(Add(job, r.prompt, r.config), updates)
+
+
+# ------------------------------------------------------------------------------------ as a process
+
+def run_core_process(spec: ModelSpec, connection) -> None:
+    """The entry point of a core process (multiprocessing, spawn): load the model, send its
+    `ModelInfo` (or `("error", message)`), then serve commands until a `None` arrives (or the
+    server's end of the pipe closes)."""
+    os.setpgid(0, 0)  # Ctrl-C or a signal to the server's process group is the server's to handle
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        model = spec.load()
+        info = ModelInfo.of(model, spec.name)
+    except Exception as e:  # a bad artifact or device: one line for the server to report
+        connection.send(("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
+        return
+    gc.collect()
+    gc.freeze()  # the model's objects never die: keep the collector off them
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    core = EngineCore(model, outbox.put)
+
+    def send() -> None:  # pickling and writing overlap the next round, as the GPU runs it
+        while (round_ := outbox.get()) is not None:
+            try:
+                connection.send(round_)
+            except OSError:  # the server went away
+                return
+
+    # the loop runs on a thread of its own, as in a server's process (on a busy CPU, torch's
+    # intra-op threads slow a main-thread loop down many times); this thread reads commands
+    loop = threading.Thread(target=core.run, name="blockrt-core")
+    sender = threading.Thread(target=send, name="blockrt-core-output")
+    connection.send(info)
+    sender.start()
+    loop.start()
+    try:
+        while (commands := connection.recv()) is not None:
+            core.put(commands)
+    except (EOFError, OSError):  # the server went away
+        pass
+    core.stop()
+    loop.join()
+    outbox.put(None)
+    sender.join()
+    connection.close()
