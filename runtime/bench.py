@@ -128,6 +128,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _median_ttft(first_token, device, repeats: int = 3) -> float:
+    """Median wall time of `first_token()` (the batch generating one token), then a clean slate
+    for the measured run: synchronized, peak-memory counter reset."""
+    ttft = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        first_token()
+        _sync(device)
+        ttft.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    return statistics.median(ttft)
+
+
 def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, hw: Hardware, engine: str) -> BenchResult:
     """One measured run of a blockrt Model (after a warm-up that captures graphs and fills pools)."""
     device = model.device
@@ -135,16 +151,7 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
     full = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
     first = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     model.generate(prompts, full)  # warm-up: captures every CUDA graph the run needs, fills allocator pools
-    ttft = []
-    for _ in range(3):
-        _sync(device)
-        t0 = time.perf_counter()
-        model.generate(prompts, first)
-        _sync(device)
-        ttft.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    ttft_s = _median_ttft(lambda: model.generate(prompts, first), device)
     t0 = time.perf_counter()
     with model.generator().record_timings() as timings:
         outputs = model.generate(prompts, full)
@@ -157,7 +164,6 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
         busy_ms += sum(ms)
         steps[step] = StepStats(len(ms), statistics.median(ms), sum(ms))
     _add_floors(steps, model, batch, prompt_len, gen_len, hw)
-    ttft_s = statistics.median(ttft)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return BenchResult(name, engine, model.manifest.kind, model.manifest.dtype, batch, prompt_len, gen_len, wall,
                        ttft_s, 1e3 * max(wall - ttft_s, 0) / max(gen_len - 1, 1), batch * gen_len / wall,
@@ -243,22 +249,12 @@ def bench_hf(weights_model, batch: int, prompt_len: int, gen_len: int, dtype: st
                                do_sample=False, pad_token_id=0, eos_token_id=None)
 
     run(2)
-    ttft = []
-    for _ in range(3):
-        _sync(dev)
-        t0 = time.perf_counter()
-        run(1)
-        _sync(dev)
-        ttft.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    _sync(dev)
+    ttft_s = _median_ttft(lambda: run(1), dev)
     t0 = time.perf_counter()
     out = run(gen_len)
     _sync(dev)
     wall = time.perf_counter() - t0
     assert out.shape[1] == prompt_len + gen_len
-    ttft_s = statistics.median(ttft)
     result = BenchResult("hf:" + getattr(weights_model, "preset_name", "vanilla"), "hf-transformers-" + transformers.__version__,
                          "vanilla", dtype, batch, prompt_len, gen_len, wall, ttft_s,
                          1e3 * (wall - ttft_s) / max(gen_len - 1, 1), batch * gen_len / wall,
