@@ -112,6 +112,11 @@ class RequestLimits:
     positions: str = "forward"
 
 
+def padded_len(prompt_len: int, block_len: int) -> int:
+    """A prompt's length once left-padded to whole blocks (docs/model.md): what it takes of the context."""
+    return prompt_len + (-prompt_len % block_len)
+
+
 def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
     """The prompt as a list of ints, or RequestError (field "prompt"): empty, not a flat list of
     integers, or ids outside the vocabulary. Vectorised: prompts can be thousands of tokens."""
@@ -133,7 +138,7 @@ def check_request(prompt: Sequence[int], config: GenerationConfig, limits: Reque
     ids = check_prompt(prompt, limits.vocab_size)
     config.validate(limits.vocab_size)
     n = len(ids)
-    padded = n + (-n % limits.block_len)
+    padded = padded_len(n, limits.block_len)
     total = padded + config.max_new_tokens
     if total > limits.max_context:
         raise ContextTooLong(f"prompt too long: {n} prompt tokens (padded to {padded} for blocks of {limits.block_len}) "

@@ -25,8 +25,9 @@ import torch
 
 from blockrt.errors import UserError, require
 from blockrt.exporter.config import TORCH_DTYPES
-from blockrt.generation import GenerationConfig
+from blockrt.generation import GenerationConfig, padded_len
 from blockrt.graphs.manifest import Manifest
+from blockrt.parsing import parse_int_list
 
 from .engine import SPEC_DTYPES
 
@@ -441,7 +442,7 @@ def fit_workloads(workloads: list[tuple[str, int, int]], plans: list[_Plan]) -> 
             limit, L = plan.max_context, (plan.manifest.block_len if plan.manifest is not None else 1)
             if limit is None:
                 continue
-            padded = math.ceil(prompt_len / L) * L  # prompts are left-padded to a block
+            padded = padded_len(prompt_len, L)
             if padded + gen_len <= limit:
                 continue
             why = (f"prompt {prompt_len} (padded to {padded}) + generate {gen_len} = {padded + gen_len} tokens exceed "
@@ -468,7 +469,7 @@ def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int
 
     if weights is not None:  # room for the longest workload, its prompt padded to whole blocks
         L = weights.config.block_len
-        max_context = max(-(-p // L) * L + g for _, p, g in workloads)
+        max_context = max(padded_len(p, L) + g for _, p, g in workloads)
         return Model.from_torch(weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=str(device),
                                 compile=compile, kv_cache_dtype=kv_cache_dtype)
     return Model.load(plan.target.spec, backend=plan.target.backend, device=str(device), max_batch=max_batch,
@@ -483,12 +484,7 @@ def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool =
         if check_only:
             return []
         return [min(limit, CPU_AUTO_BATCH)] if cpu else [auto_batch(model_free, row_bytes, limit)]
-    try:
-        values = [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise UserError(f"--batch must be 'auto' or comma-separated integers, got {spec!r}") from None
-    if any(v < 1 for v in values):
-        raise UserError(f"--batch values must be >= 1, got {spec!r}")
+    values = parse_int_list(spec, "--batch (auto or sizes)", minimum=1, item="batch size")
     if max(values) > limit:
         raise UserError(f"batch {max(values)} is above the max batch {limit} of the model it is for; "
                         f"use --batch auto, or re-export with --max-batch {max(values)}")

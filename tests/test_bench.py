@@ -60,6 +60,16 @@ def test_a_batch_above_the_artifacts_limit_is_refused_before_anything_runs(expor
     assert code == 2 and f"batch 64 is above the max batch {TEST_MAX_BATCH}" in err
 
 
+@pytest.mark.parametrize("batch, message", [
+    ("2,x", "--batch (auto or sizes) '2,x': 'x' is not an integer batch size"),
+    ("0", "batch size 0 is below 1"),
+])
+def test_a_bad_batch_spec_is_refused_before_anything_runs(exported, blockrt_cli, nothing_runs, batch, message):
+    code, _, err = blockrt_cli("bench", str(exported("tiny_block")), "--batch", batch, "--prompt-len", "4",
+                               "--gen-len", "4")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def test_named_workloads_are_shortened_to_the_artifacts_context_with_the_reason(exported, caplog):
     plans = plan_targets([Target(str(exported("tiny_block")))], ["auto"])
     fitted = fit_workloads([("decode-heavy", 128, 2048), ("prefill-heavy", 2048, 128)], plans)

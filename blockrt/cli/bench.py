@@ -11,6 +11,7 @@ import click
 from blockrt.backends import BACKENDS
 from blockrt.graphs.contract import DTYPES
 from blockrt.graphs.qdq import KV_CACHE_DTYPES, QUANT_MODES
+from blockrt.parsing import parse_int_list
 
 log = logging.getLogger("blockrt.bench")
 
@@ -119,7 +120,8 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
 def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len, gen_len,
                  client_processes, offline, as_json, out) -> None:
     from blockrt.errors import UserError, require
-    from blockrt.exporter import PRESETS
+    from blockrt.exporter import PRESETS, get_preset
+    from blockrt.generation import padded_len
 
     from .serve import engine_specs
 
@@ -127,17 +129,13 @@ def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients,
         require(module, "serve", "blockrt bench --serve")
     from blockrt.runtime.serve.bench import bench_serve, format_serve
 
-    try:
-        counts = [int(c) for c in clients.split(",")]
-    except ValueError:
-        raise UserError(f"--clients {clients!r}: expected integers like 64,256,1024") from None
-    if any(c < 1 for c in counts):
-        raise UserError(f"--clients {clients!r}: every count must be >= 1")
+    counts = parse_int_list(clients, "--clients", minimum=1, item="stream count")
     preset = model if model in PRESETS else None
     artifact = None if preset else Path(model)
     if artifact is not None and not artifact.is_dir():
         raise UserError(f"{model} is neither a preset nor an artifact directory")
-    context = prompt_len + 3 + gen_len  # the prompt padded to whole blocks
+    # a preset is built in the engine processes for this workload; an artifact brings its own context
+    context = padded_len(prompt_len, get_preset(preset).block_len) + gen_len if preset else 0
     specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, None, dtype, context)
     results = []
     for count in counts:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from blockrt.errors import UserError
+from blockrt.parsing import parse_int_list
 from blockrt.generation import POSITIONS, GenerationConfig
 
 POSITIONS_HELP = ("Token-decoder rotary positions: forward (the training forward pass) or official-generate "
@@ -23,17 +24,7 @@ def positions_option(f):
 
 def parse_ids(text: str, flag: str) -> list[int]:
     """'1,2,3' -> [1, 2, 3]; anything else is a UserError naming the flag and the bad item."""
-    ids = []
-    for item in (s.strip() for s in text.split(",")):
-        try:
-            value = int(item)
-        except ValueError:
-            raise UserError(f"{flag} {text!r}: {item!r} is not an integer token id "
-                            "(expected comma-separated ids like 1,2,3)") from None
-        if value < 0:
-            raise UserError(f"{flag} {text!r}: token id {value} is negative")
-        ids.append(value)
-    return ids
+    return parse_int_list(text, flag, minimum=0, item="token id")
 
 
 def sampling_options(f):
