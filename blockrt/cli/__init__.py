@@ -52,7 +52,23 @@ def cli(verbose: int, quiet: bool) -> None:
       blockrt bench artifacts/tiny --against tiny_vanilla --against hf   # measure (hf: transformers)
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # no-op where the root logger already has handlers (an embedding program, pytest); the level always applies
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[_StderrHandler()])
+    logging.getLogger().setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Logs to the sys.stderr of the moment a record is emitted, not of the first invocation: the
+    CLI can be invoked many times in one process (click's test runner swaps sys.stderr each time)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 def main() -> None:
