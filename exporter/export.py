@@ -41,7 +41,7 @@ from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import get_preset
 from .qlinear import qdq_translations
-from .quantize import DEFAULT_GROUP_SIZE, QuantConfig, calibration_sequences, linear_layers, quantize_model, save_quantized
+from .quantize import DEFAULT_GROUP_SIZE, QuantConfig, calibration_sequences, quantize_model, quantized_layers, save_quantized
 from .quantize import check_options as quantize_options
 from .steps import step_modules
 
@@ -211,8 +211,8 @@ def _quantize(model: nn.Module, mode: str, group_size: int, prompts, source: str
     sequences, source = calibration_sequences(model.config, prompts, tokenizer, source)
     qmodel = quantize_model(model, mode, group_size=group_size, sequences=sequences)
     quant = QuantConfig(mode, group_size if mode == "int4-wo" else 0, None,
-                        source if mode == "fp8" else "none (weight-only)", len(linear_layers(model)))
-    log.info("quantized %d linear layers to %s in %.1f s", quant.layers, mode, time.perf_counter() - start)
+                        source if mode == "fp8" else "none (weight-only)", len(quantized_layers(model, mode)))
+    log.info("quantized %d layers to %s in %.1f s", quant.layers, mode, time.perf_counter() - start)
     return qmodel, quant
 
 

@@ -126,7 +126,7 @@ def _next(logits: torch.Tensor, state: SamplingState, step: torch.Tensor):
 def _generate_block(model: BlockTransformer, prompts, state: SamplingState, out: _Outputs, positions: str) -> None:
     cfg = model.config
     L = cfg.block_len
-    weight = model.token_decoder.gpt_neox.embed_in.weight  # dtype and device (embed_out may be quantized)
+    weight = model.token_decoder.gpt_neox.final_layer_norm.weight  # dtype and device (never quantized)
     device = weight.device
     padded = [pad_to_block(p, L, cfg.pad_token_id) for p in prompts]
     B = len(prompts)
@@ -165,7 +165,7 @@ def _generate_block(model: BlockTransformer, prompts, state: SamplingState, out:
 
 def _generate_vanilla(model: GPTNeoXLM, prompts, state: SamplingState, out: _Outputs) -> None:
     cfg = model.config
-    weight = model.gpt_neox.embed_in.weight  # dtype and device (embed_out may be quantized)
+    weight = model.gpt_neox.final_layer_norm.weight  # dtype and device (never quantized)
     device = weight.device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)

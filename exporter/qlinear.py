@@ -1,4 +1,5 @@
-"""Quantized linear layers, as the exported graphs and the PyTorch engine compute them.
+"""Quantized linear layers and embedding tables, as the exported graphs and the PyTorch engine
+compute them.
 
 A `QuantLinear` keeps its weight quantized and transposed to `[in, out]` (the layout of the
 graph's MatMul) with its scales, in one of three modes:
@@ -9,12 +10,17 @@ graph's MatMul) with its scales, in one of three modes:
 - `fp8`: FP8 E4M3 weights with per-channel scales, and FP8 activations with one calibrated
   per-tensor scale (`input_scale`).
 
-Its forward is two custom ops that export to standard ONNX QDQ (see `qdq_translations`):
-`blockrt::dequantize` -> DequantizeLinear (per-axis, or blocked with `block_size`, opset 21+), and
-`blockrt::fake_quant_fp8` -> QuantizeLinear to FP8 + DequantizeLinear. Run eagerly they compute
-exactly what those ONNX ops compute (dequantize on the fly), so the eager model is the reference of
-the quantized graphs; the PyTorch engine on CUDA replaces them with fused kernels
-(`blockrt.runtime.quant_kernels`) by setting `kernel`.
+A `QuantEmbedding` (weight-only modes) keeps its table `[vocab, hidden]` in INT8 with one scale per
+row, or in INT4 with one scale per row and group of `block_size` columns.
+
+Their forwards are custom ops that export to standard ONNX QDQ (see `qdq_translations`):
+`blockrt::dequantize` -> DequantizeLinear (per-axis, or blocked with `block_size`, opset 21+),
+`blockrt::fake_quant_fp8` -> QuantizeLinear to FP8 + DequantizeLinear, and
+`blockrt::dequantize_gather` -> DequantizeLinear of the table -> Gather. Run eagerly they compute
+exactly what those ONNX ops compute (dequantize on the fly; the embedding gathers its rows first,
+which gives the same values), so the eager model is the reference of the quantized graphs; the
+PyTorch engine on CUDA replaces the linear ones with fused kernels (`blockrt.runtime.quant_kernels`)
+by setting `kernel`.
 """
 
 from __future__ import annotations
@@ -57,6 +63,20 @@ def _fake_quant_fp8_fake(x, scale):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("blockrt::dequantize_gather", mutates_args=())
+def dequantize_gather(q: torch.Tensor, scale: torch.Tensor, block_size: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the table q [V, H] * scale, in the scale's dtype; scale is [V] (per row) or, with
+    block_size > 0, [V, H / block_size] (per row and block of columns)."""
+    rows, scale = q[ids].to(torch.float32), scale[ids]
+    scale = scale.repeat_interleave(block_size, dim=-1) if block_size else scale[..., None]
+    return rows.mul(scale.to(torch.float32)).to(scale.dtype)
+
+
+@dequantize_gather.register_fake
+def _dequantize_gather_fake(q, scale, block_size, ids):
+    return torch.empty((*ids.shape, q.shape[1]), dtype=scale.dtype, device=q.device)
+
+
 def qdq_translations(op) -> dict:
     """ONNX translations of the custom ops for `torch.onnx.export(custom_translation_table=...)`;
     `op` is the onnxscript opset the graph is exported with."""
@@ -71,7 +91,13 @@ def qdq_translations(op) -> dict:
         zero = op.Constant(value=ir.tensor(np.zeros((), dtype=ir.DataType.FLOAT8E4M3FN.numpy())))
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero, saturate=1), scale)
 
-    return {torch.ops.blockrt.dequantize.default: dq, torch.ops.blockrt.fake_quant_fp8.default: fq}
+    def dq_gather(q, scale, block_size, ids):
+        table = (op.DequantizeLinear(q, scale, axis=1, block_size=block_size) if block_size
+                 else op.DequantizeLinear(q, scale, axis=0))
+        return op.Gather(table, ids, axis=0)
+
+    return {torch.ops.blockrt.dequantize.default: dq, torch.ops.blockrt.fake_quant_fp8.default: fq,
+            torch.ops.blockrt.dequantize_gather.default: dq_gather}
 
 
 class QuantLinear(nn.Module):
@@ -109,6 +135,31 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.block_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{block}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table in INT8 / INT4 (weight-only modes; see the module docstring). Buffers:
+    qweight [vocab, hidden] (int8), weight_scale [vocab] or [vocab, hidden / block_size]."""
+
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, mode: str, block_size: int = 0):
+        super().__init__()
+        self.mode, self.block_size = mode, block_size
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("weight_scale", weight_scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.blockrt.dequantize_gather(self.qweight, self.weight_scale, self.block_size, ids)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, mode: str, block_size: int) -> "QuantEmbedding":
+        """Quantize a table row by row (as a Linear whose output channels are the rows)."""
+        q, scale = quantize_weight(embedding.weight, mode, block_size, embedding.weight.dtype)
+        return cls(q.t().contiguous(), scale.t().contiguous(), mode, block_size)
+
+    def extra_repr(self) -> str:
+        block = f", block_size={self.block_size}" if self.block_size else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode}{block}"
 
 
 def quantize_weight(weight: torch.Tensor, mode: str, block_size: int, dtype: torch.dtype

@@ -109,7 +109,7 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
             raise ArtifactError(f"{path} not found: the PyTorch backend needs the weights that "
                                 f"`blockrt export` saves beside the graphs; re-export the model")
         model = load_checkpoint(path, config=manifest.model_config, dtype=manifest.dtype)
-    if _is_quantized(model):  # its QuantLinear layers / FP8 KV cache hooks are modules of its own
+    if _is_quantized(model):  # its quantized layers / FP8 KV cache hooks are modules of its own
         model = model.to(device=device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
     else:
         model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
@@ -134,9 +134,9 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
-    from blockrt.exporter.qlinear import QuantLinear
+    from blockrt.exporter.qlinear import QuantEmbedding, QuantLinear
 
-    return any(isinstance(m, QuantLinear) or getattr(m, "kv_quant", None) is not None for m in model.modules())
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) or getattr(m, "kv_quant", None) is not None for m in model.modules())
 
 
 def _own_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

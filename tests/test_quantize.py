@@ -52,7 +52,8 @@ def test_every_matmul_weight_is_dequantized_from_stored_low_precision_values(qua
     directory = quantized(mode)
     manifest = Manifest.load(directory)
     assert manifest.quantization["mode"] == mode
-    assert manifest.quantization["layers"] == 2 * 2 * 4 + 1  # two stacks of two layers, and embed_out
+    # two stacks of two layers and embed_out; the weight-only modes also quantize the two embedding tables
+    assert manifest.quantization["layers"] == 2 * 2 * 4 + 1 + (0 if mode == "fp8" else 2)
     want = {"int8-wo": TensorProto.INT8, "int4-wo": TensorProto.INT4, "fp8": TensorProto.FLOAT8E4M3FN}[mode]
     for graph in ("block_decoder", "token_decoder"):
         model = onnx.load(str(directory / f"{graph}.onnx"))
@@ -70,27 +71,70 @@ def test_every_matmul_weight_is_dequantized_from_stored_low_precision_values(qua
         assert blocks == ({64, 128} if mode == "int4-wo" else {0})  # group 128, or 64 where a layer has 64 inputs
         fp8_inputs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
         assert len(fp8_inputs) == (len(matmuls) if mode == "fp8" else 0)  # fp8: every activation too
+        tables = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+        looked_up = [producer[n.input[0]] for n in model.graph.node
+                     if n.op_type == "Gather" and producer.get(n.input[0]) is not None
+                     and producer[n.input[0]].op_type == "DequantizeLinear"]
+        if mode == "fp8":  # the embedding table stays in the artifact dtype
+            assert len(tables) == 1 and not looked_up, graph
+        else:  # the table is dequantized (per row, or per row and group of 16 / 64 columns) and then gathered
+            assert not tables and len(looked_up) == 1, graph
+            assert inits[looked_up[0].input[0]].data_type == want
+            block = next((a.i for a in looked_up[0].attribute if a.name == "block_size"), 0)
+            assert block == ({"block_decoder": 16, "token_decoder": 64}[graph] if mode == "int4-wo" else 0)
 
 
 def test_int4_weights_take_an_eighth_of_the_fp32_bytes(quantized, exported):
-    def weight_bytes(path):  # the MatMul weights: initializers, or the values their DequantizeLinear reads
+    def weight_bytes(path):  # MatMul weights and Gather tables: initializers, or the values their DequantizeLinear reads
         model = onnx.load(str(path))
         inits = {t.name: t for t in model.graph.initializer}
         producer = {o: n for n in model.graph.node for o in n.output}
         total = 0
-        for node in (n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")):
-            name = node.input[1]
-            if name in inits and "expansion" in str(node.metadata_props):
-                continue  # the expansion layer stays unquantized
+        for node in model.graph.node:
+            if node.op_type in ("MatMul", "Gemm"):
+                name = node.input[1]
+                if name in inits and "expansion" in str(node.metadata_props):
+                    continue  # the expansion layer stays unquantized
+            elif node.op_type == "Gather":
+                name = node.input[0]
+            else:
+                continue
             if name in producer and producer[name].op_type == "DequantizeLinear":
                 name = producer[name].input[0]
-            total += len(inits[name].raw_data) if inits[name].raw_data else inits[name].ByteSize()
+            if name in inits:
+                total += len(inits[name].raw_data) if inits[name].raw_data else inits[name].ByteSize()
         return total
 
     for graph in ("block_decoder", "token_decoder"):
         fp32 = weight_bytes(exported("tiny_block") / f"{graph}.onnx")
         int4 = weight_bytes(quantized("int4-wo") / f"{graph}.onnx")
         assert int4 == fp32 / 8, (graph, int4, fp32)  # two INT4 values per byte, against 4 bytes each
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_bytes_from_shapes_count_what_the_quantized_model_holds(mode):
+    from blockrt.exporter import build_model, get_preset, init_random
+    from blockrt.exporter.quantize import quantized_tensors, weight_bytes
+
+    config = get_preset("tiny_block_wide")
+    model = init_random(build_model(config), 0).eval()
+    qmodel = quantize_model(model, mode, group_size=32, sequences=[[1, 2, 3, 4, 5, 6, 7, 8]])
+    quantized = quantized_tensors(qmodel)
+    held = sum(t.numel() * (0.5 if name.endswith("qweight") and mode == "int4-wo" else t.element_size())
+               for name, t in quantized.items())
+    layers = {name.rsplit(".", 1)[0] for name in quantized}
+    held += sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+                if name.rsplit(".", 1)[0] not in layers)
+    assert weight_bytes(config, "fp32", mode, group_size=32) == held
+    assert weight_bytes(config, "fp32") == sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+def test_int4_weights_of_the_largest_block_preset_take_at_most_30_percent_of_bf16():
+    from blockrt.exporter import get_preset
+    from blockrt.exporter.quantize import weight_bytes
+
+    config = get_preset("block_main_b4_1.2b")
+    assert weight_bytes(config, "bf16", "int4-wo") <= 0.30 * weight_bytes(config, "bf16")
 
 
 @pytest.mark.parametrize("mode", MODES)
