@@ -45,18 +45,11 @@ def matmul_attention(q, k, v, mask, scale: float):
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
-def reduce_attention(q, k, v, mask, scale: float):
-    """The same attention as broadcast products and sums in fp32: under torch.compile, Inductor
-    fuses it (with the cache reads) into a few kernels, where tiny batched matmuls cost a launch
-    each and run far from the memory bandwidth. mask: bool [B, 1, T, S]."""
-    scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * scale  # [B, H, T, S]
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (probs[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(v.dtype)  # [B, H, T, D]
-
-
 class Attention(nn.Module):
     decode_math = False  # set by the PyTorch engine on the token decoder: attention over its few cached rows
     kv_quant = None  # set by the PyTorch engine for an FP8 KV cache: stores k/v quantized and attends
+    small_cache_kernel = None  # set by the PyTorch engine on CUDA with decode_math: one fused kernel for it
+    # (blockrt.runtime.small_attention; the compiled steps, which run only on CUDA with Triton, use it too)
 
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -82,7 +75,8 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask, scale: float):
         compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # torch.compile, not ONNX export
         if self.decode_math and mask is not None and k.shape[-2] <= 16:
-            return (reduce_attention if compiling else matmul_attention)(q, k, v, mask, scale)
+            kernel = self.small_cache_kernel or matmul_attention
+            return kernel(q, k, v, mask, scale)
         if compiling and mask is not None and q.dtype == torch.float32:
             # fp32 (exactness checks) with a mask leaves SDPA only its memory-efficient kernel; plain
             # matmuls keep the compiled fp32 path on kernels the bf16 path also uses

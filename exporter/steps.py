@@ -68,7 +68,8 @@ class TokenStep(_Step):
         else:
             cache, mask = self._cache(caches, past_len, num_new)
         logits = self.model.token_step(input_ids, prefix_embeds, past_len, cache, mask, self.positions)
-        return self._result(logits.float(), cache)
+        # the PyTorch runtime samples from the model dtype (greedy: the same argmax, without an fp32 copy)
+        return self._result(logits if self.inplace else logits.float(), cache)
 
 
 class DecoderStep(_Step):

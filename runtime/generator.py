@@ -95,7 +95,8 @@ class Generator:
         dtype = TORCH_DTYPES[manifest.dtype]
         main = self.config.block_decoder if self.block else self.config.decoder
         main_graph = manifest.graphs["block_decoder" if self.block else "decoder"]
-        self.caches = self._alloc(main, self.cache_len, SPEC_DTYPES[main_graph.input("past_key_values.0.key").dtype])
+        spare = engines["block_decoder" if self.block else "decoder"].spare_cache_rows
+        self.caches = self._alloc(main, self.cache_len + spare, SPEC_DTYPES[main_graph.input("past_key_values.0.key").dtype])
         C = capacity
         if self.block:
             tok = self.config.token_decoder

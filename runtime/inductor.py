@@ -46,7 +46,10 @@ def skip_reason(device: torch.device) -> str | None:
 
 def _configure() -> None:
     """Process-wide Inductor settings (idempotent): on-disk caches, room for a few recompiles."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    if "BLOCKRT_CACHE_DIR" in os.environ:  # ours, when given, over an Inductor cache dir set elsewhere
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+    else:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
     import torch._dynamo
     import torch._inductor.config as inductor
 

@@ -24,6 +24,8 @@ from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 from .engine import Engine
 from .inductor import CompiledStep, skip_reason
 from .quant_kernels import prepare_quantized
+from .small_attention import available as small_attention_available
+from .small_attention import small_cache_attention
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,20 @@ class TorchEngine(Engine):
         self.attend_bucket = attend_bucket  # cache rows
         self.pool = pool
         self.compiled = compiled
+        # a compiled step over the whole cache must still get a strided slice, not the contiguous
+        # tensor: Dynamo guards contiguity, and the whole tensor would be compiled once more
+        self.spare_cache_rows = 1 if compiled is not None and compiled.symbolic_cache_len else 0
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
 
     @torch.no_grad()
     def __call__(self, inputs, caches, attend_len=None):
-        cache_len = caches[0].shape[2]
+        cache_len = caches[0].shape[2] - self.spare_cache_rows  # rows the generator uses
         num_new = self.new_rows(inputs[0])
-        if attend_len is not None and attend_len != num_new:  # not a prefill: round up to a bucket
+        if attend_len is None and self.spare_cache_rows:
+            attend_len = cache_len
+        elif attend_len is not None and attend_len != num_new:  # not a prefill: round up to a bucket
             attend_len = min(cache_len, math.ceil(attend_len / self.attend_bucket) * self.attend_bucket)
-        if attend_len == cache_len:
+        if attend_len == caches[0].shape[2]:
             attend_len = None
         if not self.cuda_graphs or attend_len == num_new:  # eager: no graphs, or a prefill
             self.step.attend_len = attend_len
@@ -114,10 +121,11 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
     else:
         model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
     prepare_quantized(model, manifest, directory, device)
-    if isinstance(model, BlockTransformer):  # batched-matmul attention over the token decoder's L + 1 rows
+    if isinstance(model, BlockTransformer):  # attention over the token decoder's L + 1 rows: one Triton
+        kernel = small_cache_attention if small_attention_available(device) else None  # kernel on CUDA
         for module in model.token_decoder.modules():
             if isinstance(module, Attention):
-                module.decode_math = True
+                module.decode_math, module.small_cache_kernel = True, kernel
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and cuda_graphs else None
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     if compile:

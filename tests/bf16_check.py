@@ -10,13 +10,23 @@ from blockrt.runtime import Model
 PROMPTS = [[5, 6, 7, 8, 9], list(range(1, 40)), [3], list(range(100, 121))]
 
 
-def assert_bf16_tokens_are_reference_top_choices(preset: str, device: str, new_tokens: int = 64, top: int = 5) -> None:
+def assert_bf16_tokens_are_reference_top_choices(preset: str, device: str, new_tokens: int = 64, top: int = 5,
+                                                 compile: bool = False) -> None:
+    """Every token the bf16 runtime picks must be, at that point of its own sequence (teacher
+    forcing), among the fp32 reference's `top` choices, or no further below the fp32 reference's
+    best logit than bf16 rounding moves the reference itself there: max |bf16 reference - fp32
+    reference| over the vocabulary, the same model run by the reference code in bf16. (With random
+    weights a deep model's logits move by more than the gaps between its top choices: for
+    block_main_b4_1.2b on an H100, bf16 moved them by a median of 5.1 while the top 6 lay within
+    2.1, so a top-5 check alone failed for the eager reference code's own bf16 run.) A token
+    the fp32 model does not rank near its best, e.g. from a wrong row or position, still fails."""
     with torch.device(device):
         reference = build_model(get_preset(preset))
     init_random(reference, seed=3, std=0.1).eval()
     bf16 = build_model(get_preset(preset)).to(device)
     bf16.load_state_dict(reference.state_dict())
-    runtime = Model.from_torch(bf16.to(torch.bfloat16), dtype="bf16", max_batch=8, max_context=512, device=device)
+    bf16 = bf16.to(torch.bfloat16).eval()
+    runtime = Model.from_torch(bf16, dtype="bf16", max_batch=8, max_context=512, device=device, compile=compile)
     results = runtime.generate(PROMPTS, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
     L = reference.config.block_len
     for prompt, result in zip(PROMPTS, results):
@@ -24,12 +34,17 @@ def assert_bf16_tokens_are_reference_top_choices(preset: str, device: str, new_t
         ids = torch.tensor([padded + result.token_ids], device=device)
         with torch.no_grad():
             if reference.config.kind == "block":
-                logits = reference(ids).flatten(1, 2)[0]  # row r predicts token r + L
+                want, rounded = (m(ids).flatten(1, 2)[0].float() for m in (reference, bf16))  # row r: token r + L
                 start = len(padded) - L
             else:
-                logits = reference(ids)[0]  # row r predicts token r + 1
+                want, rounded = (m(ids)[0].float() for m in (reference, bf16))  # row r predicts token r + 1
                 start = len(padded) - 1
-        best = logits[start:start + len(result.token_ids)].topk(top, dim=-1).indices
+        rows = slice(start, start + len(result.token_ids))
+        want, noise = want[rows], (rounded[rows] - want[rows]).abs().amax(dim=-1)
         chosen = torch.tensor(result.token_ids, device=device)[:, None]
-        misses = (best != chosen).all(dim=-1).nonzero().flatten().tolist()
-        assert not misses, f"bf16 tokens at {misses} are not among the fp32 reference's top {top}"
+        in_top = (want.topk(top, dim=-1).indices == chosen).any(dim=-1)
+        below_best = want.amax(dim=-1) - want.gather(1, chosen)[:, 0]
+        misses = (~in_top & (below_best > noise)).nonzero().flatten().tolist()
+        assert not misses, (f"bf16 tokens at {misses} are neither among the fp32 reference's top {top} nor within "
+                            f"bf16 rounding of its best: {below_best[misses].tolist()} below it, rounding "
+                            f"{noise[misses].tolist()}")

@@ -32,13 +32,10 @@ def _exact_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-# The compiled path (Model(compile=True)) is experimental and off by default: its tests compile for
-# minutes and run only where asked for (BLOCKRT_TEST_COMPILED=1). On an H100 (2026-11-27, torch
-# 2.11) the greedy tests passed for tiny_block and tiny_vanilla; the bucket test below failed (not
-# yet diagnosed; its scenario passes with Inductor's CPU code and no CUDA graphs); block_main_b4_5
-# and tiny_block_wide were not run after the last fix.
+# The compiled path (Model(compile=True)) is opt-in: its tests compile for minutes and run only where
+# asked for (BLOCKRT_TEST_COMPILED=1); README "Compiled fast path" says what passed on which GPU.
 compiled = pytest.mark.skipif(os.environ.get("BLOCKRT_TEST_COMPILED") != "1",
-                              reason="compiled path is experimental: set BLOCKRT_TEST_COMPILED=1 to test it")
+                              reason="compiled path tests compile for minutes: set BLOCKRT_TEST_COMPILED=1 to run them")
 
 
 @pytest.mark.parametrize("preset,compile", [
@@ -57,19 +54,47 @@ def test_cuda_graph_runtime_matches_reference_greedy_fp32(preset, compile):
 
 @compiled
 def test_compiled_steps_serve_every_batch_bucket_and_context_without_recompiling():
-    """One compilation per step and number of new positions: later batch buckets (8 -> 24 rows)
-    and attend buckets (contexts of 1 to 96 blocks) reuse the compiled code."""
+    """At most one compilation per step and number of new positions: later batch buckets (8 -> 24
+    rows) and attend buckets (contexts of 1 to 96 blocks) reuse the compiled code. (Dynamo keeps
+    compiled code per process: a model of the same shapes compiled by an earlier test is reused, so
+    the first counts may be 0.)"""
     model = _model("tiny_block")
     runtime = Model.from_torch(model, dtype="fp32", max_batch=32, max_context=512, device="cuda", compile=True)
     config = GenerationConfig(max_new_tokens=40, ignore_eos=True)
     runtime.generate(PROMPTS, config)
     counts = {name: e.compiled.compilations for name, e in runtime.engines.items()}
-    assert counts == {"block_decoder": 1, "token_decoder": 2}  # decode; token steps of 2 and 1 new positions
+    assert counts["block_decoder"] <= 1 and counts["token_decoder"] <= 2, counts  # token steps: 2 and 1 new rows
     prompts = [list(range(1, 1 + 7 * i)) for i in range(1, 21)]  # 20 rows, up to 140 prompt tokens
-    ref = generate(model, prompts, GenerationConfig(max_new_tokens=200, ignore_eos=True))
-    out = runtime.generate(prompts, GenerationConfig(max_new_tokens=200, ignore_eos=True))
-    assert [r.token_ids for r in out] == ref.tokens
+    long = GenerationConfig(max_new_tokens=200, ignore_eos=True)
+    ref = generate(model, prompts, long)
+    out = [r.token_ids for r in runtime.generate(prompts, long)]
     assert {name: e.compiled.compilations for name, e in runtime.engines.items()} == counts
+    if out != ref.tokens:  # say where, and whether the eager engine parts from the reference there too
+        eager = [r.token_ids for r in Model.from_torch(model, dtype="fp32", max_batch=32, max_context=512,
+                                                         device="cuda").generate(prompts, long)]
+        first = {i: next(j for j, (a, b) in enumerate(zip(o, r)) if a != b)
+                 for i, (o, r) in enumerate(zip(out, ref.tokens)) if o != r}
+        raise AssertionError(f"compiled tokens part from the reference at {{row: index}} {first}; eager rows "
+                             f"parting: {[i for i, (e, r) in enumerate(zip(eager, ref.tokens)) if e != r]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new", [1, 2])
+def test_small_cache_attention_kernel_matches_batched_matmuls(dtype, new):
+    from blockrt.exporter.cache import scatter_mask
+    from blockrt.exporter.model import matmul_attention
+    from blockrt.runtime.small_attention import small_cache_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, H, S, D = 37, 4, 5, 128
+    q, k, v = (torch.randn(B, H, T, D, generator=gen, device="cuda").to(dtype) for T in (new, S, S))
+    write_index = torch.randint(0, S - new + 1, (B,), generator=gen, device="cuda")
+    mask = scatter_mask(write_index, new, S)
+    got = small_cache_attention(q, k, v, mask, 0.088)
+    want = matmul_attention(q, k, v, mask, 0.088)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_cuda_graph_runtime_matches_reference_sampling_fp32():
@@ -85,3 +110,8 @@ def test_bf16_runtime_tokens_are_top_choices_of_the_fp32_reference():
     that every token the bf16 runtime picks is among the fp32 reference's top choices at that
     point of the runtime's own sequence (teacher forcing along it)."""
     assert_bf16_tokens_are_reference_top_choices("block_main_b4_5", "cuda")
+
+
+@compiled
+def test_compiled_bf16_runtime_tokens_are_top_choices_of_the_fp32_reference_1_2b():
+    assert_bf16_tokens_are_reference_top_choices("block_main_b4_1.2b", "cuda", compile=True)

@@ -131,6 +131,7 @@ def test_max_new_tokens_that_is_not_a_multiple_of_the_block_length_is_exact(expo
     ([[]], GenerationConfig(), "empty prompt"),
     ([[1, 2, 512]], GenerationConfig(), "outside the vocabulary"),
     ([[1, -1]], GenerationConfig(), "outside the vocabulary"),
+    ([[1, 2.5]], GenerationConfig(), "a prompt must be a flat list of integer token ids"),
     ([list(range(1, 150))], GenerationConfig(max_new_tokens=32), "exceeds the max context of 160 tokens"),
     ([[1, 2]], GenerationConfig(temperature=-1.0), "temperature must be >= 0"),
     ([[1, 2]], GenerationConfig(top_p=0.0), "top_p must be in (0, 1]"),
