@@ -511,6 +511,75 @@ def test_two_engines_share_the_load_and_report_per_engine_metrics(reference):
             assert [e["name"] for e in c.get("/health").json()["engines"]] == ["0", "1"]
 
 
+def test_two_front_ends_on_one_engine_process_get_their_own_tokens_and_one_can_leave(reference):
+    """Two front ends on one engine process, as two HTTP workers are: each gets exactly its own
+    jobs' offline tokens; when one goes away, the engine frees its rows and keeps serving the other."""
+    import multiprocessing
+
+    from blockrt.runtime.serve.core import run_core_process
+
+    context = multiprocessing.get_context("spawn")
+    ends = [context.Pipe() for _ in range(2)]
+    engine = context.Process(target=run_core_process, args=(tiny_spec(max_batch=4), [child for _, child in ends]),
+                             daemon=True)
+    engine.start()
+    for _, child in ends:
+        child.close()
+    fronts = [Scheduler.attach(mine, mine.recv(), k, 2, name=str(k)) for k, (mine, _) in enumerate(ends)]
+    try:
+        for front in fronts:
+            front.start()
+        prompts = [[(7 * i + j) % 500 + 1 for j in range(2 + i)] for i in range(6)]
+        want = expected(reference, prompts, [16] * 6)
+        got: dict[int, tuple[list[int], str]] = {}
+
+        def collect(i):
+            tokens = []
+
+            def deliver(update):
+                tokens.extend(update.tokens)
+                if update.finished:
+                    got[i] = (tokens, update.finish_reason)
+            return deliver
+
+        for i, prompt in enumerate(prompts):  # alternating front ends, all in one batch
+            fronts[i % 2].submit(prompt, GenerationConfig(max_new_tokens=16), collect(i))
+        wait_for(lambda: len(got) == 6, timeout=60, what="six jobs on two front ends")
+        assert [got[i] for i in range(6)] == want
+        endless = GenerationConfig(max_new_tokens=400, ignore_eos=True)
+        stays = fronts[1].submit([5, 6, 7], endless, lambda update: None)
+        fronts[0].submit([1, 2, 3], endless, lambda update: None)
+        wait_for(lambda: fronts[1].running == 2, timeout=30, what="both long jobs running")
+        fronts[0].stop()  # a worker that goes away: its job's row is freed, the other job runs on
+        wait_for(lambda: fronts[1].running == 1, timeout=30, what="the engine to drop the departed front end's job")
+        assert fronts[1].alive and stays.id in fronts[1]._jobs
+    finally:
+        for front in fronts:
+            front.stop()
+        engine.join(30)
+    assert engine.exitcode == 0  # it stops once every front end is gone
+
+
+def test_http_workers_return_offline_tokens_and_report_at_shutdown(reference):
+    from blockrt.runtime.serve import Workers
+
+    prompts = [[(13 * i + j) % 500 + 1 for j in range(3 + i % 4)] for i in range(12)]
+    want = expected(reference, prompts, [20] * 12)
+    with Workers([tiny_spec(max_batch=4)], 2, max_queue=64) as workers:
+        def one(i):
+            with httpx.Client(base_url=workers.url, timeout=60) as c:
+                if i % 2:
+                    events = stream(c, prompt=prompts[i], max_tokens=20)
+                    tokens = [t for e in events for t in e["choices"][0]["token_ids"]]
+                    return tokens, events[-1]["choices"][0]["finish_reason"]
+                choice = complete(c, prompt=prompts[i], max_tokens=20)["choices"][0]
+                return choice["token_ids"], choice["finish_reason"]
+
+        with ThreadPoolExecutor(12) as pool:
+            assert list(pool.map(one, range(12))) == want
+    assert len(workers.loop_lag) == 2  # both workers shut down cleanly and reported
+
+
 # ------------------------------------------------------------------------------------- command line
 
 def start_blockrt_serve(*args: str) -> tuple[subprocess.Popen, str]:
@@ -605,6 +674,23 @@ def test_sigterm_lets_open_requests_finish_then_ends_the_rest_with_openai_errors
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_blockrt_serve_with_http_workers_passes_compile_to_the_engine_and_stops_on_sigterm():
+    process, url = start_blockrt_serve("--preset", "tiny_block", "--dtype", "fp32", "--device", "cpu",
+                                       "--max-batch", "2", "--compile", "--http-workers", "2")
+    try:
+        out = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True},
+                         timeout=60).json()
+        assert out["usage"]["completion_tokens"] == 5
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    log = process.stdout.read()
+    assert code == 0, log
+    # the engine process got compile=True; on a CPU the compiled path says why it runs eagerly
+    assert "not compiling the steps: compilation targets CUDA GPUs" in log
+    assert "2 HTTP workers" in log and "Traceback" not in log
 
 
 def test_blockrt_serve_rejects_a_batch_above_the_artifact_limit(exported, blockrt_cli):

@@ -58,14 +58,16 @@ log = logging.getLogger("blockrt.bench")
               help="--serve: processes the load generator spreads its clients over.")
 @click.option("--offline/--no-offline", default=True, show_default=True,
               help="--serve: also run the offline engine on the same workload (for the ratio).")
+@click.option("--http-workers", type=click.IntRange(1), default=1, show_default=True,
+              help="--serve: HTTP worker processes of the server (blockrt serve --http-workers).")
 @click.option("--devices", default=None, metavar="LIST", help="--serve: one engine per device, e.g. cuda:0,cuda:1.")
 @click.option("--data-parallel", type=click.IntRange(1), default=None, metavar="N",
               help="--serve: shorthand for --devices cuda:0,...,cuda:N-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
 def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, quantize, kv_cache_dtype,
-            device, compile_steps, profile, serve, clients, requests, client_processes, offline, devices, data_parallel,
-            as_json, out):
+            device, compile_steps, profile, serve, clients, requests, client_processes, offline, http_workers, devices,
+            data_parallel, as_json, out):
     """Benchmark MODEL (a preset name or an artifact directory) and compare it with baselines.
 
     EOS is ignored so every sequence generates exactly the requested tokens. Reports time to first
@@ -88,7 +90,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     """
     if serve:
         _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len or 128,
-                     gen_len or 128, client_processes, offline, as_json, out)
+                     gen_len or 128, client_processes, offline, http_workers, compile_steps, as_json, out)
         return
     from blockrt.runtime.bench import (WORKLOADS, Target, format_ratios, format_table, run_bench, to_json)
 
@@ -118,7 +120,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
 
 
 def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len, gen_len,
-                 client_processes, offline, as_json, out) -> None:
+                 client_processes, offline, http_workers, compile_steps, as_json, out) -> None:
     from blockrt.errors import UserError, require
     from blockrt.exporter import PRESETS, get_preset
     from blockrt.generation import padded_len
@@ -136,11 +138,12 @@ def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients,
         raise UserError(f"{model} is neither a preset nor an artifact directory")
     # a preset is built in the engine processes for this workload; an artifact brings its own context
     context = padded_len(prompt_len, get_preset(preset).block_len) + gen_len if preset else 0
-    specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, None, dtype, context)
+    specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, None, dtype, context, compile_steps)
     results = []
     for count in counts:
-        results.append(bench_serve(specs, count, requests, prompt_len, gen_len, client_processes, offline))
-        log.info("%d streams: served %.0f tok/s", count, results[-1]["served"]["output_tokens_per_s"])
+        results.append(bench_serve(specs, count, requests, prompt_len, gen_len, client_processes, offline,
+                                   http_workers))
+        log.info("%d streams: %s", count, format_serve(results[-1:]))  # also in the log, in case a later one fails
     from blockrt.runtime.bench import environment
 
     if _saved({"environment": environment(), "results": results}, out, as_json):

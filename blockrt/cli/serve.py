@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from blockrt.backends import BACKEND_CHOICES
-from blockrt.errors import UserError, require
+from blockrt.errors import require
 
 log = logging.getLogger("blockrt.serve")
 
@@ -49,7 +49,8 @@ def load_model(artifact: Path, backend: str, device: str | None, max_batch: int 
 
 
 def engine_specs(artifact: Path | None, preset: str | None, backend: str, device: str | None, devices: str | None,
-                 data_parallel: int | None, max_batch: int | None, dtype: str, max_context: int):
+                 data_parallel: int | None, max_batch: int | None, dtype: str, max_context: int,
+                 compile_steps: bool = False):
     """One ModelSpec per engine process: the artifact (or preset) on each device."""
     from blockrt.errors import UserError
     from blockrt.runtime.serve import ModelSpec
@@ -76,7 +77,7 @@ def engine_specs(artifact: Path | None, preset: str | None, backend: str, device
         names = [device]
     return [ModelSpec(artifact=None if artifact is None else str(artifact), preset=preset, backend=backend, device=name,
                       max_batch=max_batch, dtype=dtype, max_context=max_context,
-                      name=preset or artifact.resolve().name) for name in names]
+                      name=preset or artifact.resolve().name, compile=compile_steps) for name in names]
 
 
 def engine_options(f):
@@ -116,6 +117,12 @@ def limit_options(f):
     return f
 
 
+def http_workers_option(f):
+    return click.option("--http-workers", type=click.IntRange(1), default=1, show_default=True,
+                        help="HTTP processes sharing the port, each talking to every engine process (for thousands "
+                        "of streams, where one event loop cannot keep up; /metrics then answers per worker).")(f)
+
+
 @click.command("serve")
 @lambda f: server_options(f, artifact_required=False)
 @engine_options
@@ -123,8 +130,10 @@ def limit_options(f):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface, e.g. behind a load balancer).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@http_workers_option
 def command(artifact, backend, device, max_batch, max_queue, compile_steps, model_name, preset, dtype, max_context,
-            devices, data_parallel, max_body_bytes, header_timeout, body_timeout, shutdown_timeout, host, port) -> None:
+            devices, data_parallel, max_body_bytes, header_timeout, body_timeout, shutdown_timeout, host, port,
+            http_workers) -> None:
     """Serve the artifact in DIR (or a --preset) over HTTP, OpenAI style, with continuous batching.
 
     The model runs in an engine process of its own (one per device with --devices), so the GPU
@@ -149,9 +158,9 @@ def command(artifact, backend, device, max_batch, max_queue, compile_steps, mode
         require(module, "serve", "blockrt serve")
     from blockrt.runtime.serve import HTTPLimits, serve
 
-    specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, max_batch, dtype, max_context)
-    if compile_steps:
-        raise UserError("--compile is not wired into blockrt serve's engine processes yet; serve without it")
+    specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, max_batch, dtype, max_context,
+                         compile_steps)
     limits = HTTPLimits(max_body_bytes, header_timeout, body_timeout, shutdown_timeout)
     log.info("starting %d engine process(es) for %s", len(specs), specs[0].describe())
-    serve(specs, host=host, port=port, max_queue=max_queue, model_name=model_name, limits=limits)
+    serve(specs, host=host, port=port, max_queue=max_queue, model_name=model_name, limits=limits,
+          http_workers=http_workers)

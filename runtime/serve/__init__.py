@@ -3,7 +3,8 @@
 - `core`: the engine core that drives `model.generator()` (continuous batching), in a thread or in a
   process of its own (`ModelSpec` says how that process loads the model).
 - `scheduler`: a front end's handle on engine cores (`Scheduler`, `EngineGroup`: least-loaded routing).
-- `app`: the OpenAI-compatible HTTP server (`create_app`, `Server`, `serve`, `HTTPLimits`; extra `serve`).
+- `app`: the OpenAI-compatible HTTP server (`create_app`, `Server`, `Workers`, `serve`, `HTTPLimits`; extra
+  `serve`).
 - `metrics`: its Prometheus metrics.
 - `loadgen`: a load generator for it (client processes, TTFT/TPOT percentiles); `bench`: served vs
   offline on one workload (`blockrt bench --serve`).
@@ -20,8 +21,8 @@ import importlib.util
 
 from blockrt.errors import MissingDependencyError
 
-_EXPORTS = {"create_app": "app", "Server": "app", "serve": "app", "HTTPLimits": "app", "Scheduler": "scheduler",
-            "EngineGroup": "scheduler", "ModelSpec": "core", "Metrics": "metrics"}
+_EXPORTS = {"create_app": "app", "Server": "app", "serve": "app", "HTTPLimits": "app", "Workers": "app",
+            "Scheduler": "scheduler", "EngineGroup": "scheduler", "ModelSpec": "core", "Metrics": "metrics"}
 _NEEDS = {"app": ("fastapi", "uvicorn", "prometheus_client"), "metrics": ("prometheus_client",), "scheduler": (),
           "core": ()}
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -275,11 +277,17 @@ class _State:
 
 def create_app(source, max_queue: int = 256, model_name: str | None = None, limits: HTTPLimits | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `source`: a blockrt.runtime.Model (an engine thread in this
-    process), or one or more `ModelSpec`s (one engine process each, e.g. one per GPU). Engines
-    start when the app starts (lifespan) and stop at shutdown."""
+    process), one or more `ModelSpec`s (one engine process each, e.g. one per GPU), or `Scheduler`s
+    attached to engine processes started elsewhere (an HTTP worker of `Workers`; the app gives them
+    its metrics). Engines start when the app starts (lifespan) and stop at shutdown."""
     metrics = Metrics()
     limits = limits or HTTPLimits()
-    if isinstance(source, (ModelSpec, Sequence)):
+    if isinstance(source, Sequence) and source and all(isinstance(s, Scheduler) for s in source):
+        for scheduler in source:
+            scheduler.metrics = metrics
+        engines = EngineGroup(list(source))
+        tokenizer = None
+    elif isinstance(source, (ModelSpec, Sequence)):
         specs = [source] if isinstance(source, ModelSpec) else list(source)
         engines = EngineGroup([Scheduler.spawn(spec, max_queue, metrics, name=str(i)) for i, spec in enumerate(specs)])
         tokenizer = None
@@ -390,22 +398,27 @@ async def _read_body(request: Request, limits: HTTPLimits) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-
-    async def read() -> None:
-        nonlocal size
+    # a timer that cancels this task, rather than asyncio.wait_for: that runs the read as a task of
+    # its own, which cost about as much as parsing the request (profiled in a burst of requests)
+    task, expired = asyncio.current_task(), []
+    timer = asyncio.get_running_loop().call_later(limits.body_timeout_s, lambda: expired.append(task.cancel()))
+    try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise too_large
             chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), limits.body_timeout_s)
-    except asyncio.TimeoutError:
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled here
+            task.uncancel()
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
                        f"({size} bytes came)", code="request_timeout", headers={"Connection": "close"}) from None
     except ClientDisconnect:
         raise APIError(499, "the client disconnected while sending the request") from None
+    finally:
+        timer.cancel()
     return b"".join(chunks)
 
 
@@ -680,11 +693,197 @@ class Server:
         self.stop()
 
 
+class Workers:
+    """`count` HTTP worker processes in front of one engine process per spec, with `Server`'s
+    interface (start, stop, url, context manager). The workers accept connections from one shared
+    listening socket (the kernel hands each new connection to one of them); every worker runs the
+    whole app (parsing, routing to the least-loaded engine, streaming) and talks to every engine
+    over a pipe of its own, so the per-request and per-token work of the HTTP side is spread over
+    `count` processes instead of one event loop. /metrics and /health answer for the worker that
+    takes the request."""
+
+    def __init__(self, specs: Sequence[ModelSpec], count: int, host: str = "127.0.0.1", port: int = 0,
+                 max_queue: int = 256, model_name: str | None = None, limits: HTTPLimits | None = None,
+                 log_level: str = "warning"):
+        if count < 1:
+            raise UserError(f"--http-workers {count}: expected at least 1")
+        self.specs, self.count, self.host, self.port = list(specs), count, host, port
+        self.max_queue, self.model_name, self.log_level = max_queue, model_name, log_level
+        self.limits = limits or HTTPLimits()
+        self.engines: list = []
+        self.workers: list = []
+        self._status: list = []
+        self._ready: list[bool] = []
+        self.loop_lag: list[tuple[float, float]] = []  # (sum, count) of each worker's event-loop lag samples
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 600.0) -> "Workers":
+        """Start the engines, then the workers once the engines serve; returns when every worker accepts."""
+        import multiprocessing
+        import socket
+
+        from .core import run_core_process
+
+        context = multiprocessing.get_context("spawn")
+        pipes = []  # per engine: this process's end of one pipe per worker
+        try:
+            for i, spec in enumerate(self.specs):
+                ends = [context.Pipe() for _ in range(self.count)]
+                engine = context.Process(target=run_core_process, args=(spec, [child for _, child in ends]),
+                                         name=f"blockrt-engine-{i}", daemon=True)
+                engine.start()
+                for _, child in ends:
+                    child.close()
+                self.engines.append(engine)
+                pipes.append([mine for mine, _ in ends])
+            infos = []
+            for spec, ends, engine in zip(self.specs, pipes, self.engines):
+                hellos = [_receive(end, timeout) for end in ends]
+                if any(h is None for h in hellos):
+                    raise UserError(f"the engine process for {spec.describe()} exited while loading the model "
+                                    f"(exit code {engine.exitcode}); see its log above")
+                if isinstance(hellos[0], tuple):
+                    raise UserError(f"engine {spec.describe()}: {hellos[0][1]}")
+                infos.append(hellos[0])
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(BACKLOG)
+            self.port = sock.getsockname()[1]
+            for w in range(self.count):
+                status, child = context.Pipe()
+                links = [(ends[w], info) for ends, info in zip(pipes, infos)]
+                args = (links, w, self.count, sock, self.max_queue, self.model_name, self.limits, self.log_level, child)
+                worker = context.Process(target=_http_worker, args=args, name=f"blockrt-http-{w}")
+                worker.start()
+                child.close()
+                self.workers.append(worker)
+                self._status.append(status)
+            for w, status in enumerate(self._status):
+                if _receive(status, timeout) != "ready":
+                    raise RuntimeError(f"HTTP worker {w} did not start (exit code {self.workers[w].exitcode})")
+                self._ready.append(True)
+            sock.close()  # the workers hold it now
+        except BaseException:
+            _close(pipes)
+            self.stop(5)
+            raise
+        _close(pipes)  # the workers hold them now: an engine sees its workers go away
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shut down gracefully: each worker as on SIGTERM, then the engines (they stop once every
+        worker is gone)."""
+        for worker in self.workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+        for worker, status in zip(self.workers, self._status):
+            lag = _receive(status, timeout)
+            if isinstance(lag, tuple):
+                self.loop_lag.append(lag)
+            worker.join(timeout)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        for engine in self.engines:
+            engine.join(timeout)
+            if engine.is_alive():
+                log.warning("engine %s did not stop in %s s: killing it", engine.name, timeout)
+                engine.kill()
+                engine.join()
+        self.workers, self._status, self._ready, self.engines = [], [], [], []
+
+    def run(self) -> None:
+        """Start, serve in the foreground until SIGTERM or SIGINT (passed on to the workers, which
+        shut down gracefully), then stop. A signal while the engines load stops the start; one while
+        the workers start reaches them once they serve."""
+        pending: list[int] = []
+
+        def forward(signum, frame) -> None:
+            if not self.workers:
+                raise KeyboardInterrupt  # loading the engines: `start` cleans up
+            if len(self._ready) < self.count:
+                pending.append(signum)
+                return
+            for worker in self.workers:
+                if worker.is_alive():
+                    os.kill(worker.pid, signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            for signum in pending:
+                forward(signum, None)
+            log.info("serving on %s: %s (%d HTTP workers, queue limit %d per engine)", self.url,
+                     self.specs[0].name or self.specs[0].describe(), self.count, self.max_queue)
+            for worker in self.workers:
+                worker.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.stop(self.limits.shutdown_timeout_s + 10)
+
+    def __enter__(self) -> "Workers":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _close(pipes: list[list]) -> None:
+    for ends in pipes:
+        for end in ends:
+            end.close()
+
+
+def _receive(connection, timeout: float):
+    """The next message on `connection`, or None when it closes or nothing comes within `timeout` s."""
+    try:
+        return connection.recv() if connection.poll(timeout) else None
+    except (EOFError, OSError):
+        return None
+
+
+def _http_worker(links, front_end: int, front_ends: int, sock, max_queue: int, model_name: str | None,
+                 limits: HTTPLimits, log_level: str, status) -> None:
+    """An HTTP worker process of `Workers`: the app on the engines of `links` ((pipe, ModelInfo) per
+    engine), accepting on the shared socket; says "ready" once it accepts, and at the end sends its
+    event-loop lag (sum, count)."""
+    os.setpgid(0, 0)  # signals come from the server process, which forwards its own
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    schedulers = [Scheduler.attach(connection, info, front_end, front_ends, max_queue, name=str(i))
+                  for i, (connection, info) in enumerate(links)]
+    app = create_app(schedulers, max_queue=max_queue, model_name=model_name, limits=limits)
+    server = _uvicorn(app, "", 0, log_level)
+
+    def ready() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        status.send("ready" if server.started else "failed")
+
+    threading.Thread(target=ready, daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn raises the signal it stopped for again once done:
+        signal.signal(sig, lambda signum, frame: None)  # then it finds this handler, and the report below is sent
+    server.run(sockets=[sock])
+    status.send(app.state.blockrt.metrics.loop_lag_sum_count())
+
+
 def serve(source, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, model_name: str | None = None,
-          limits: HTTPLimits | None = None, log_level: str = "info") -> None:
-    """Serve `source` (a Model, or ModelSpecs for engine processes) until SIGTERM or SIGINT."""
+          limits: HTTPLimits | None = None, log_level: str = "info", http_workers: int = 1) -> None:
+    """Serve `source` (a Model, or ModelSpecs for engine processes) until SIGTERM or SIGINT;
+    `http_workers` > 1 (ModelSpecs only) spreads the HTTP side over that many processes (`Workers`)."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: expected 0..65535")
+    if http_workers > 1:
+        if not (isinstance(source, Sequence) and all(isinstance(s, ModelSpec) for s in source)):
+            raise UserError("HTTP workers serve engine processes: give ModelSpecs, not a Model")
+        Workers(source, http_workers, host, port, max_queue, model_name, limits, log_level).run()
+        return
     app = create_app(source, max_queue=max_queue, model_name=model_name, limits=limits)
     engines = app.state.blockrt.engines
     engines.start()  # load the model first: a bad artifact or device is a clear error, not a failed startup

@@ -1,7 +1,8 @@
 """`blockrt bench --serve`: the served throughput of a model next to the offline engine's, on the
 same workload in the same run, so the ratio is always measured side by side.
 
-1. `blockrt serve`'s stack starts on loopback (HTTP in this process, one engine process per device).
+1. `blockrt serve`'s stack starts on loopback (HTTP in this process, or in --http-workers processes; one
+   engine process per device).
 2. A warm-up load (every client, one request) captures the CUDA graphs the run needs; then the
    measured load: `clients` streams x `requests` each (loadgen.py, several client processes).
 3. The server stops and the offline engine (`Model.generate`, one process per device, batch = the
@@ -76,27 +77,38 @@ def bench_offline(specs: list[ModelSpec], prompts: int, prompt_len: int, gen_len
 
 
 def bench_serve(specs: list[ModelSpec], clients: int, requests: int, prompt_len: int, gen_len: int,
-                client_processes: int = 4, offline: bool = True) -> dict:
-    """Served vs offline on one workload; a dict with both summaries and their ratios."""
-    from .app import Server, create_app
+                client_processes: int = 4, offline: bool = True, http_workers: int = 1) -> dict:
+    """Served vs offline on one workload; a dict with both summaries and their ratios.
+    `http_workers` > 1: the server's HTTP side in that many processes (`Workers`)."""
+    from .app import Server, Workers, create_app
 
     per_device = math.ceil(clients / len(specs))
     specs = [replace(s, max_batch=per_device) for s in specs]
     load = Load(clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=gen_len)
-    log.info("serving %s on %d engine(s), batch %d each", specs[0].describe(), len(specs), per_device)
-    with Server(create_app(specs, max_queue=clients)) as server:
+    log.info("serving %s on %d engine(s), batch %d each, %d HTTP process(es)", specs[0].describe(), len(specs),
+             per_device, http_workers)
+    if http_workers > 1:
+        server = Workers(specs, http_workers, max_queue=clients)
+    else:
+        server = Server(create_app(specs, max_queue=clients))
+    with server:
         log.info("warm-up: %d clients x 1 request", clients)
         run_load(server.url, replace(load, requests=1, seed=1), client_processes)
         log.info("measured: %d clients x %d requests, prompt %d, %d new tokens", clients, requests, prompt_len, gen_len)
-        lag = server.app.state.blockrt.metrics.loop_lag
-        before = _sum_count(lag)
+        if http_workers == 1:
+            before = server.app.state.blockrt.metrics.loop_lag_sum_count()
         served = run_load(server.url, load, client_processes)
-        after = _sum_count(lag)
-        served["event_loop_lag_mean_s"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+        if http_workers == 1:
+            after = server.app.state.blockrt.metrics.loop_lag_sum_count()
+            served["event_loop_lag_mean_s"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    if http_workers > 1:  # the workers report at their end: warm-up and measured load together
+        lag_sum, samples = (sum(column) for column in zip(*server.loop_lag))
+        served["event_loop_lag_mean_s"] = lag_sum / max(1.0, samples)
     if served["failed"]:
         raise RuntimeError(f"{sum(served['failed'].values())} served requests failed ({served['failed']}): "
                            f"{served['first_error']}")
-    result = {"model": specs[0].describe(), "devices": [s.device for s in specs], "clients": clients,
+    result = {"model": specs[0].describe(), "devices": [s.device for s in specs], "http_workers": http_workers,
+              "clients": clients,
               "requests_per_client": requests, "prompt_len": prompt_len, "gen_len": gen_len, "batch_per_engine": per_device,
               "served": served}
     if offline:
@@ -108,15 +120,10 @@ def bench_serve(specs: list[ModelSpec], clients: int, requests: int, prompt_len:
     return result
 
 
-def _sum_count(histogram) -> tuple[float, float]:
-    values = {s.name: s.value for metric in histogram.collect() for s in metric.samples}
-    return values[f"{histogram._name}_sum"], values[f"{histogram._name}_count"]
-
-
 def format_serve(results: list[dict]) -> str:
     """One table: served and offline rows per workload, with the ratio."""
-    head = ["streams", "engines", "run", "out tok/s", "ratio", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
-            "HTTP loop lag ms"]
+    head = ["streams", "engines", "HTTP procs", "run", "out tok/s", "ratio", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms",
+            "TPOT p99 ms", "HTTP loop lag ms"]
     rows = []
     for r in results:
         for run in ("served", "offline"):
@@ -124,7 +131,8 @@ def format_serve(results: list[dict]) -> str:
                 continue
             x = r[run]
             ratio = f"{100 * r['ratio']['output_tokens_per_s']:.0f}%" if run == "served" and "ratio" in r else ""
-            rows.append([f"{r['clients']}x{r['requests_per_client']}", str(len(r["devices"])), run,
+            rows.append([f"{r['clients']}x{r['requests_per_client']}", str(len(r["devices"])), str(r["http_workers"]),
+                         run,
                          f"{x['output_tokens_per_s']:,.0f}", ratio, f"{x['ttft_s']['p50']:.3f}", f"{x['ttft_s']['p99']:.3f}",
                          f"{1e3 * x['tpot_s']['p50']:.2f}", f"{1e3 * x['tpot_s']['p99']:.2f}",
                          f"{1e3 * x['event_loop_lag_mean_s']:.2f}" if "event_loop_lag_mean_s" in x else ""])

@@ -2,7 +2,7 @@
 server's process (`EngineCore`, for a `Model` object you hold) or in a process of its own
 (`run_core_process`, spawned from a picklable `ModelSpec` that loads the model there).
 
-It speaks in batches: front ends send `Add` / `Cancel` commands, and the core answers with one
+It speaks in batches: front ends send `Add` / `Cancel` / `Forget` commands, and the core answers with one
 `Round` per generator step holding every job's new tokens and the batch's queue and row counts.
 Between rounds it takes every command that arrived (a burst of requests joins the batch at the
 same round and is prefilled together), so a process needs one message per request in and one per
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing.connection
 import os
 import queue
 import threading
@@ -41,6 +42,14 @@ class Add:
 @dataclass(slots=True)
 class Cancel:
     job: int
+
+
+@dataclass(slots=True)
+class Forget:
+    """Cancel every job of front end `front_end` of `front_ends` (job % front_ends == front_end)."""
+
+    front_end: int
+    front_ends: int
 
 
 @dataclass(slots=True)
@@ -77,6 +86,18 @@ class Round:
                    {u.job: (u.finish_reason, u.error, u.shutdown) for u in updates if u.finish_reason is not None},
                    waiting, running)
 
+    def split(self, n: int) -> list["Round"]:
+        """One round per front end k of n, with the jobs j where j % n == k (and the batch counts)."""
+        jobs: list[list[int]] = [[] for _ in range(n)]
+        tokens: list[list[list[int]]] = [[] for _ in range(n)]
+        for job, new in zip(self.jobs, self.tokens):
+            jobs[job % n].append(job)
+            tokens[job % n].append(new)
+        finished: list[dict] = [{} for _ in range(n)]
+        for job, end in self.finished.items():
+            finished[job % n][job] = end
+        return [Round(jobs[k], tokens[k], finished[k], self.waiting, self.running) for k in range(n)]
+
     def updates(self) -> Iterator[Update]:
         finished = self.finished
         for job, tokens in zip(self.jobs, self.tokens):
@@ -107,7 +128,8 @@ class ModelInfo:
 class ModelSpec:
     """How a core process gets its model: an artifact directory, a preset with random weights
     (PyTorch engine), or any picklable `factory()` returning a Model. `device` "cuda:N" makes
-    the process see only GPU N."""
+    the process see only GPU N. `compile`: the PyTorch engine's compiled steps (`Model.load`'s
+    `compile=`; on a CPU they run eagerly, and the engine logs why)."""
 
     artifact: str | None = None
     preset: str | None = None
@@ -119,6 +141,7 @@ class ModelSpec:
     seed: int = 0
     factory: Callable | None = None
     name: str | None = None
+    compile: bool = False
 
     def describe(self) -> str:
         return self.artifact or self.preset or getattr(self.factory, "__name__", "model")
@@ -148,8 +171,9 @@ class ModelSpec:
                 weights = build_model(get_preset(self.preset))
             weights = init_random(weights, seed=self.seed).to(TORCH_DTYPES[self.dtype]).eval()
             return Model.from_torch(weights, dtype=self.dtype, max_batch=self.max_batch or 256,
-                                    max_context=self.max_context, device=str(dev))
-        return Model.load(self.artifact, backend=self.backend, device=device, max_batch=self.max_batch)
+                                    max_context=self.max_context, device=str(dev), compile=self.compile)
+        return Model.load(self.artifact, backend=self.backend, device=device, max_batch=self.max_batch,
+                          compile=self.compile)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -162,14 +186,14 @@ class EngineCore:
         self.generator = model.generator()
         self.emit = emit
         self._cond = threading.Condition()
-        self._inbox: list[Add | Cancel] = []
+        self._inbox: list[Add | Cancel | Forget] = []
         self._stopping = False
         self._jobs: dict[int, int] = {}  # generator request id -> job id
         self._requests: dict[int, object] = {}  # job id -> generator request
         self.seconds = {"idle": 0.0, "commands": 0.0, "step": 0.0, "emit": 0.0}  # where the loop's time went
         self.rounds = 0
 
-    def put(self, commands: list[Add | Cancel]) -> None:
+    def put(self, commands: list[Add | Cancel | Forget]) -> None:
         with self._cond:
             self._inbox += commands
             self._cond.notify()
@@ -213,8 +237,11 @@ class EngineCore:
             for command in inbox:
                 if isinstance(command, Add):
                     self._add(command, updates)
-                else:
+                elif isinstance(command, Cancel):
                     self._cancel(command.job)
+                else:
+                    for job in [j for j in self._requests if j % command.front_ends == command.front_end]:
+                        self._cancel(job)
             t2 = clock()
             if gen.has_work:
                 self._step(updates)
@@ -276,10 +303,14 @@ class EngineCore:
 
 # ------------------------------------------------------------------------------------ as a process
 
-def run_core_process(spec: ModelSpec, connection) -> None:
+def run_core_process(spec: ModelSpec, connections: list) -> None:
     """The entry point of a core process (multiprocessing, spawn): load the model, send its
-    `ModelInfo` (or `("error", message)`), then serve commands until a `None` arrives (or the
-    server's end of the pipe closes)."""
+    `ModelInfo` (or `("error", message)`) to every front end, then serve their commands until each
+    has sent `None` (or closed its end of the pipe).
+
+    With several front ends (HTTP worker processes), front end k of n numbers its jobs k, k + n,
+    k + 2n, ...: each round goes out split by `job % n`, and the jobs of a front end that went away
+    are cancelled."""
     os.setpgid(0, 0)  # Ctrl-C or a signal to the server's process group is the server's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -287,34 +318,57 @@ def run_core_process(spec: ModelSpec, connection) -> None:
         model = spec.load()
         info = ModelInfo.of(model, spec.name)
     except Exception as e:  # a bad artifact or device: one line for the server to report
-        connection.send(("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
+        for connection in connections:
+            connection.send(("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
         return
     gc.collect()
     gc.freeze()  # the model's objects never die: keep the collector off them
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     core = EngineCore(model, outbox.put)
+    n = len(connections)
+    gone: set[int] = set()  # front ends whose pipe broke
 
     def send() -> None:  # pickling and writing overlap the next round, as the GPU runs it
         while (round_ := outbox.get()) is not None:
-            try:
-                connection.send(round_)
-            except OSError:  # the server went away
-                return
+            if isinstance(round_, int):  # front end `round_` is done: it reads to the end of its pipe
+                gone.add(round_)
+                connections[round_].close()
+                continue
+            parts = [round_] if n == 1 else round_.split(n)
+            for k, (connection, part) in enumerate(zip(connections, parts)):
+                if k in gone:
+                    continue
+                try:
+                    connection.send(part)
+                except OSError:  # that front end went away
+                    gone.add(k)
 
     # the loop runs on a thread of its own, as in a server's process (on a busy CPU, torch's
     # intra-op threads slow a main-thread loop down many times); this thread reads commands
     loop = threading.Thread(target=core.run, name="blockrt-core")
     sender = threading.Thread(target=send, name="blockrt-core-output")
-    connection.send(info)
+    for connection in connections:
+        connection.send(info)
     sender.start()
     loop.start()
-    try:
-        while (commands := connection.recv()) is not None:
-            core.put(commands)
-    except (EOFError, OSError):  # the server went away
-        pass
+    open_ = {connection: k for k, connection in enumerate(connections)}
+    while open_:
+        for connection in multiprocessing.connection.wait(list(open_)):
+            try:
+                commands = connection.recv()
+            except (EOFError, OSError):  # that front end went away
+                commands = None
+            if commands is not None:
+                core.put(commands)
+                continue
+            k = open_.pop(connection)
+            if open_:  # the others keep serving: free the rows of this one's jobs, close its pipe
+                core.put([Forget(k, n)])
+                outbox.put(k)
     core.stop()
     loop.join()
     outbox.put(None)
     sender.join()
-    connection.close()
+    for k, connection in enumerate(connections):
+        if k not in gone:
+            connection.close()

@@ -47,6 +47,11 @@ class Metrics:
         self.queue_depth.labels(engine).set(waiting)
         self.running.labels(engine).set(running)
 
+    def loop_lag_sum_count(self) -> tuple[float, float]:
+        """The event-loop lag histogram's (sum of seconds, samples) so far."""
+        values = {s.name: s.value for metric in self.loop_lag.collect() for s in metric.samples}
+        return values["blockrt_event_loop_lag_seconds_sum"], values["blockrt_event_loop_lag_seconds_count"]
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST

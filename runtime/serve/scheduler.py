@@ -89,34 +89,49 @@ def _deliver_each(pairs: list[tuple[Job, Update]]) -> None:
 
 class Scheduler:
     """One engine core seen from a front end. `Scheduler(model)`: the core runs on a thread of
-    this process; `Scheduler.spawn(spec)`: in a process that loads the model itself."""
+    this process; `Scheduler.spawn(spec)`: in a process that loads the model itself;
+    `Scheduler.attach(connection, info, k, n)`: front end k of n on a core process started elsewhere
+    (HTTP worker processes sharing one engine per GPU)."""
 
     def __init__(self, model=None, max_queue: int = 256, metrics: Metrics | None = None, name: str = "0",
-                 *, spec: ModelSpec | None = None):
+                 *, spec: ModelSpec | None = None, connection=None, info: ModelInfo | None = None,
+                 front_end: int = 0, front_ends: int = 1):
         if max_queue < 1:
             raise UserError(f"max_queue must be >= 1, got {max_queue}")
-        if (model is None) == (spec is None):
-            raise ValueError("give a model (engine thread) or a spec (engine process)")
+        if sum(x is not None for x in (model, spec, connection)) != 1:
+            raise ValueError("give a model (engine thread), a spec (engine process) or a connection to a running one")
         self.model, self.spec = model, spec
         self.max_queue, self.metrics, self.name = max_queue, metrics, name
         self.dispatch: Callable[[list[tuple[Job, Update]]], None] = _deliver_each
-        self.info: ModelInfo | None = ModelInfo.of(model) if model is not None else None
-        self.waiting = 0  # as of the core's last round
+        self.info: ModelInfo | None = ModelInfo.of(model) if model is not None else info
+        self.waiting = 0  # as of the core's last round (all front ends' jobs)
         self.running = 0
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
-        self._ids = itertools.count()
+        self._ids = itertools.count(front_end, front_ends)  # the core tells front ends apart by job % front_ends
+        self._front_ends = front_ends
+        self._sent_since_round = 0
         self._stopping = False
         self._alive = False
         self._core: EngineCore | None = None
         self._thread: threading.Thread | None = None  # engine thread, or reader thread of a process
         self._process = None
-        self._connection = None
-        self._send_lock = threading.Lock()
+        self._connection = connection
+        self._outbox: list[Add | Cancel] = []  # commands for a core process, sent by the writer thread
+        self._closing = False  # the writer sends the outbox, then None, then stops
+        self._outbox_ready = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     @classmethod
     def spawn(cls, spec: ModelSpec, max_queue: int = 256, metrics: Metrics | None = None, name: str = "0") -> "Scheduler":
         return cls(None, max_queue, metrics, name, spec=spec)
+
+    @classmethod
+    def attach(cls, connection, info: ModelInfo, front_end: int, front_ends: int, max_queue: int = 256,
+               metrics: Metrics | None = None, name: str = "0") -> "Scheduler":
+        """Front end `front_end` of `front_ends` on a core process whose `info` was already read."""
+        return cls(None, max_queue, metrics, name, connection=connection, info=info, front_end=front_end,
+                   front_ends=front_ends)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -139,10 +154,10 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._core.run, name=f"blockrt-engine-{self.name}", daemon=True)
                 self._thread.start()
             return
-        if self._process is None:
+        if self._process is None and self.spec is not None:
             context = multiprocessing.get_context("spawn")
             self._connection, child = context.Pipe()
-            self._process = context.Process(target=run_core_process, args=(self.spec, child),
+            self._process = context.Process(target=run_core_process, args=(self.spec, [child]),
                                             name=f"blockrt-engine-{self.name}", daemon=True)
             self._process.start()
             child.close()
@@ -150,32 +165,42 @@ class Scheduler:
     def wait_ready(self) -> None:
         if self.model is not None or self._alive:
             return
-        try:
-            hello = self._connection.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
-            raise UserError(f"the engine process for {self.spec.describe()} exited while loading the model "
-                            f"(exit code {self._process.exitcode}); see its log above") from None
-        if isinstance(hello, tuple):
-            self._process.join(5)
-            raise UserError(f"engine {self.name} ({self.spec.describe()}): {hello[1]}")
-        self.info = hello
+        if self._process is not None:
+            try:
+                hello = self._connection.recv()
+            except (EOFError, OSError):
+                self._process.join(5)
+                raise UserError(f"the engine process for {self.spec.describe()} exited while loading the model "
+                                f"(exit code {self._process.exitcode}); see its log above") from None
+            if isinstance(hello, tuple):
+                self._process.join(5)
+                raise UserError(f"engine {self.name} ({self.spec.describe()}): {hello[1]}")
+            self.info = hello
         self._alive = True
         self._thread = threading.Thread(target=self._read, name=f"blockrt-engine-{self.name}-reader", daemon=True)
         self._thread.start()
-        log.info("engine %s ready: %s (%s on %s), batch %d", self.name, self.spec.describe(), hello.backend, hello.device,
-                 hello.max_batch)
+        self._writer = threading.Thread(target=self._write, name=f"blockrt-engine-{self.name}-writer", daemon=True)
+        self._writer.start()
+        log.info("engine %s ready: %s (%s on %s), batch %d", self.name, self.info.name, self.info.backend,
+                 self.info.device, self.info.max_batch)
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the core; jobs still open get an error update."""
         self._stopping = True
         if self._core is not None:
             self._core.stop()
-        elif self._process is not None:
-            try:
-                self._send(None)
-            except OSError:  # already gone
-                pass
+        elif self._connection is not None:
+            with self._outbox_ready:
+                self._closing = True
+                self._outbox_ready.notify()
+            if self._writer is None:  # never got ready: nothing was queued
+                try:
+                    self._connection.send(None)
+                except OSError:  # already gone
+                    pass
+        if self._writer is not None:
+            self._writer.join(timeout)
+            self._writer = None
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -207,11 +232,15 @@ class Scheduler:
         with self._lock:
             if self._stopping or not self.alive:
                 raise ShuttingDown("the server is shutting down" if self._stopping else "the engine is not running")
-            waiting = len(self._jobs) - self.info.max_batch
+            open_jobs = len(self._jobs)
+            if self._front_ends > 1:  # the other front ends' jobs share the core: count them as of its last round
+                open_jobs = max(open_jobs, self.waiting + self.running + self._sent_since_round)
+            waiting = open_jobs - self.info.max_batch
             if waiting >= self.max_queue:
                 raise QueueFull(waiting, self.max_queue)
             job = Job(next(self._ids), deliver, self, time.perf_counter())
             self._jobs[job.id] = job
+            self._sent_since_round += 1
         self._send([Add(job.id, list(prompt), config)])
         return job
 
@@ -235,12 +264,30 @@ class Scheduler:
             self.dispatch([(job, Update(job.id, [], "error", message, shutdown=True)) for job in jobs])
         return len(jobs)
 
-    def _send(self, commands) -> None:
+    def _send(self, commands: list[Add | Cancel]) -> None:
         if self._core is not None:
             self._core.put(commands)
             return
-        with self._send_lock:
-            self._connection.send(commands)
+        with self._outbox_ready:
+            self._outbox += commands
+            self._outbox_ready.notify()
+
+    def _write(self) -> None:
+        """Writer thread of a core process: everything queued since its last write goes in one message,
+        so a burst of requests costs a few pipe writes, not one each (and the core reads it at once)."""
+        while True:
+            with self._outbox_ready:
+                while not (self._outbox or self._closing):
+                    self._outbox_ready.wait()
+                commands, self._outbox, closing = self._outbox, [], self._closing
+            try:
+                if commands:
+                    self._connection.send(commands)
+                if closing:
+                    self._connection.send(None)
+                    return
+            except OSError:  # the core process is gone (the reader thread reports it)
+                return
 
     # ------------------------------------------------------------------ rounds (receiving thread)
     def _read(self) -> None:
@@ -253,9 +300,12 @@ class Scheduler:
         if self._stopping:
             self.fail_open("the server is shutting down")
             return
-        self._process.join(5)
-        log.error("engine %s stopped (exit code %s)", self.name, self._process.exitcode)
-        self.fail_open(f"the engine process stopped (exit code {self._process.exitcode})")
+        code = "unknown"
+        if self._process is not None:
+            self._process.join(5)
+            code = self._process.exitcode
+        log.error("engine %s stopped (exit code %s)", self.name, code)
+        self.fail_open(f"the engine process stopped (exit code {code})")
 
     def _on_round(self, round_: Round) -> None:
         now = time.perf_counter()
@@ -275,7 +325,7 @@ class Scheduler:
                     if update.error is None:
                         latencies.append(now - job.submitted_at)
                 pairs.append((job, update))
-        self.waiting, self.running = round_.waiting, round_.running
+            self.waiting, self.running, self._sent_since_round = round_.waiting, round_.running, 0
         if self.metrics is not None:
             self.metrics.record_round(self.name, tokens, ttfts, latencies, round_.waiting, round_.running)
         if pairs:
