@@ -41,7 +41,8 @@ from .config import TORCH_DTYPES, BlockConfig, ModelConfig, VanillaConfig
 from .model import BlockTransformer, GPTNeoXLM, build_model, init_random
 from .presets import get_preset
 from .qlinear import qdq_translations
-from .quantize import DEFAULT_GROUP_SIZE, QuantConfig, calibration_sequences, quantize_model, quantized_layers, save_quantized
+from .quantize import (DEFAULT_GROUP_SIZE, QuantConfig, calibration_sequences, quantize_model, quantized_layers,
+                       save_quantized)
 from .quantize import check_options as quantize_options
 from .steps import step_modules
 

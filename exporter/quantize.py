@@ -8,14 +8,16 @@ model's small `expansion_layer` (a Conv1d) and, in mode fp8, the embedding table
 dtype (FP8 is for the tensor cores; a table lookup does no arithmetic).
 
 Weight scales come from the weights (absmax per output channel, or per block of `group_size` input
-rows for INT4; an embedding table: per row, or per row and block of `group_size` columns). FP8 activation scales are calibrated: the fp32 model runs teacher-forced over
-calibration sequences and each layer's input absmax / 448 becomes its per-tensor scale. The
+rows for INT4; an embedding table: per row, or per row and block of `group_size` columns). FP8
+activation scales are calibrated: the fp32 model runs teacher-forced over calibration sequences
+and each layer's input absmax / 448 becomes its per-tensor scale. The
 sequences are the user's (`calibration_sequences`: token ids or text; `blockrt export
 --calibration-prompts FILE` reads them from JSONL) or, by default, deterministic random token ids.
 
 An artifact keeps the quantized tensors in `quantized.safetensors` (`<layer>.qweight`,
-`.weight_scale`, `.input_scale`, `.bias`; embeddings `.qweight`, `.weight_scale`), the very tensors its graphs hold, so the PyTorch engine
-and `blockrt verify` rebuild the same quantized model (`load_quantized`); `weights.safetensors`
+`.weight_scale`, `.input_scale`, `.bias`; embeddings `.qweight`, `.weight_scale`), the very
+tensors its graphs hold, so the PyTorch engine and `blockrt verify` rebuild the same quantized
+model (`load_quantized`); `weights.safetensors`
 keeps the unquantized weights as the reference.
 """
 

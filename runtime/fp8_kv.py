@@ -6,7 +6,8 @@ calibration sequences / 448) and installs an `Fp8KV` on every attention of the b
 (vanilla: the decoder); the token decoder's L + 1 rows stay in the model dtype. `Fp8KV` quantizes
 the new keys and values before they are written and, for a decode step (one new row per sequence)
 on CUDA with Triton, attends straight from the FP8 cache in one kernel (`_decode_kernel`: online
-softmax over tiles of rows, FP8 loads converted in registers); otherwise it dequantizes the rows it
+softmax over tiles of rows, FP8 loads converted in registers, the tile size autotuned per problem
+size; a custom op, so compiled steps run it too); otherwise it dequantizes the rows it
 attends to and runs the model's own attention. The caches are allocated in FP8 by the generator
 from the manifest (`graph_io(kv_cache_dtype="fp8")`).
 """
@@ -100,22 +101,32 @@ def _triton_available() -> bool:
     return True
 
 
-def decode_attention(q, k8, v8, mask, k_scale: float, v_scale: float, scale: float) -> torch.Tensor:
+@torch.library.custom_op("blockrt::fp8_decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, mask: torch.Tensor, k_scale: float,
+                     v_scale: float, scale: float) -> torch.Tensor:
     """One query row per sequence and head: q [B, H, 1, D], k8 / v8 [B, H, S, D] FP8, mask [B, S]
-    (True = attend) -> [B, H, 1, D] in q's dtype."""
-    import triton
-
+    (True = attend) -> [B, H, 1, D] in q's dtype. A custom op, so that compiled steps call the
+    kernel as it is (Inductor fuses the work around it)."""
     B, H, _, D = q.shape
     S = k8.shape[2]
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     mask = mask.to(torch.uint8)
-    _kernel()[(B * H,)](q, k8, v8, mask, out, k_scale * scale, v_scale,
+    # the autotuner's key: the tuned tile size depends on how many (sequence, head) programs fill
+    # the GPU and how many rows each reads, rounded to powers of two (a few tunings per process)
+    size_class = (B * H).bit_length() * 64 + S.bit_length()
+    _kernel()[(B * H,)](q, k8, v8, mask, out, k_scale * scale * LOG2E, v_scale,
                         q.stride(0), q.stride(1), k8.stride(0), k8.stride(1), k8.stride(2),
                         v8.stride(0), v8.stride(1), v8.stride(2), mask.stride(0), out.stride(0), out.stride(1),
-                        H, S, D=D, BLOCK=64, num_warps=4)
+                        H, S, size_class, D=D)
     return out
 
 
+@decode_attention.register_fake
+def _decode_attention_fake(q, k8, v8, mask, k_scale, v_scale, scale):
+    return q.new_empty(q.shape)  # contiguous, as the kernel writes it
+
+
+LOG2E = 1.4426950408889634
 _KERNEL = None
 
 
@@ -130,14 +141,17 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
+    configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
+
+    @triton.autotune(configs=configs, key=["D", "size_class"])
     @triton.jit
     def _decode_kernel(Q, K, V, M, O, qk_scale, v_scale, sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sob, soh,
-                       H, S, D: tl.constexpr, BLOCK: tl.constexpr):
+                       H, S, size_class, D: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
         d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32) * qk_scale
+        q = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32) * qk_scale  # log2 units: exp2 below
         m_i = tl.full((), -1e30, tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((D,), tl.float32)
@@ -146,12 +160,12 @@ def _build_kernel():
             inside = n < S
             keep = (tl.load(M + b * smb + n, mask=inside, other=0) != 0) & inside
             k = tl.load(K + b * skb + h * skh + n[:, None] * sks + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + n[:, None] * svs + d[None, :], mask=inside[:, None], other=0.0)
             s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(V + b * svb + h * svh + n[:, None] * svs + d[None, :], mask=inside[:, None], other=0.0)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new

@@ -85,7 +85,7 @@ def test_every_matmul_weight_is_dequantized_from_stored_low_precision_values(qua
 
 
 def test_int4_weights_take_an_eighth_of_the_fp32_bytes(quantized, exported):
-    def weight_bytes(path):  # MatMul weights and Gather tables: initializers, or the values their DequantizeLinear reads
+    def weight_bytes(path):  # MatMul weights and Gather tables: initializers, or what their DequantizeLinear reads
         model = onnx.load(str(path))
         inits = {t.name: t for t in model.graph.initializer}
         producer = {o: n for n in model.graph.node for o in n.output}
@@ -300,3 +300,74 @@ def test_trained_model_keeps_task_accuracy_with_an_fp8_kv_cache(trained):
     predicted = logits.argmax(-1).flatten(1)
     fp8_accuracy = float((predicted == ids[:, L:])[known[:, L:]].double().mean())
     assert fp8_accuracy >= accuracy - 0.01
+
+
+# ------------------------------------------------------------ PyTorch engine kernels (CPU and CUDA)
+
+@pytest.mark.parametrize("form", ["rowwise-fast", "tensorwise-fast", "rowwise", "tensorwise"])
+def test_fp8_gemm_forms_compute_what_the_qdq_layer_computes(form):
+    """Each form of the FP8 GEMM (`torch._scaled_mm`, on the GPU if there is one, else on the CPU,
+    where PyTorch runs it too) against the QDQ reference arithmetic, on strided rows in the
+    calibrated range, with and without a bias."""
+    from blockrt.exporter import build_model, get_preset, init_random
+    from blockrt.runtime.quant_kernels import CHECK_TOLERANCE, _check_input, _Fp8
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = init_random(build_model(get_preset("tiny_block")), 0).eval()
+    qmodel = quantize_model(model, "fp8", sequences=calibration_sequences(model.config)[0]).to(device, torch.bfloat16)
+    for layer in (qmodel.token_decoder.gpt_neox.layers[0].mlp.dense_h_to_4h, qmodel.token_decoder.embed_out):
+        x = _check_input(layer).view(37, 1, -1)
+        want = layer(x).float()
+        try:
+            got = _Fp8(layer).with_form(form)(x).float()
+        except RuntimeError as e:
+            if device == "cpu" and "per-tensor" in str(e):
+                pytest.skip(f"this PyTorch's CPU _scaled_mm has per-tensor scales only: {form} needs a newer one")
+            raise
+        assert got.shape == want.shape
+        assert float((got - want).norm() / want.norm()) < CHECK_TOLERANCE
+
+
+def _generation_accuracy(generate_fn) -> float:
+    """Greedy continuations of held-out task sequences from their first two blocks: the share of
+    generated tokens that the task determines and that are right."""
+    from trained_tiny import BLOCKS, L, corpus
+
+    ids, known = corpus(64, seed=5)
+    prompts = ids[:, :2 * L].tolist()
+    generated = torch.tensor(generate_fn(prompts, (BLOCKS - 2) * L))
+    truth, mask = ids[:, 2 * L:], known[:, 2 * L:]
+    return float((generated == truth)[mask].double().mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("mode, kv_cache_dtype, compile, max_drop", [
+    ("fp8", "fp8", False, 0.01), ("fp8", "fp8", True, 0.01), ("int8-wo", None, False, 0.01),
+    ("int4-wo", None, False, 0.05)])
+def test_cuda_engine_runs_the_fused_kernels_and_keeps_task_accuracy(trained, mode, kv_cache_dtype, compile, max_drop):
+    from blockrt.exporter.generate import generate
+    from blockrt.runtime.fp8_kv import enable_fp8_kv_cache
+
+    model, _ = trained
+
+    def reference(prompts, n):
+        return generate(model, prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True)).tokens
+
+    qmodel = quantize_model(model, mode, sequences=calibration_sequences(model.config)[0]).to("cuda")
+    if kv_cache_dtype:
+        enable_fp8_kv_cache(qmodel, calibration_sequences(model.config)[0])
+    runtime = Model.from_torch(qmodel, dtype="bf16", max_batch=64, max_context=64, device="cuda",
+                               kv_cache_dtype=kv_cache_dtype, compile=compile)
+    layers = [m for e in runtime.engines.values() for m in e.step.modules() if isinstance(m, QuantLinear)]
+    if mode != "int4-wo":  # tinygemm needs wider layers than this model's 64 inputs: reference ops there
+        assert layers and all(m.kernel is not None for m in layers)
+    if kv_cache_dtype:
+        assert all(layer.attention.kv_quant.fused for layer in qmodel.block_decoder.gpt_neox.layers)
+    assert (runtime.engines["token_decoder"].compiled is not None) == compile
+    if kv_cache_dtype:  # the block decoder over an FP8 cache runs eagerly, compiled or not
+        assert runtime.engines["block_decoder"].compiled is None
+
+    def engine(prompts, n):
+        return [r.token_ids for r in runtime.generate(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True))]
+
+    assert _generation_accuracy(engine) >= _generation_accuracy(reference) - max_drop
