@@ -645,11 +645,15 @@ def test_sigterm_lets_open_requests_finish_then_ends_the_rest_with_openai_errors
                     streamed.set()
                 return r.status_code, [line for line in lines if line]
 
-        def short():
+        def short():  # sent after the signal below, until the server stops accepting (it may answer 503 first)
             streamed.wait(60)
-            time.sleep(0.5)  # sent after the signal below
-            return httpx.post(f"{url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 8, "ignore_eos": True},
-                              timeout=60)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                response = httpx.post(f"{url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 8,
+                                                                      "ignore_eos": True}, timeout=60)
+                assert response.status_code == 503, response.text  # draining: never a new generation
+            return response
 
         with ThreadPoolExecutor(4) as pool:
             stream_future = pool.submit(long_stream)
@@ -657,6 +661,10 @@ def test_sigterm_lets_open_requests_finish_then_ends_the_rest_with_openai_errors
             finishing = pool.submit(httpx.post, f"{url}/v1/completions",
                                     json={"prompt": [9], "max_tokens": 40, "ignore_eos": True}, timeout=60)
             assert streamed.wait(60)
+            deadline = time.monotonic() + 60  # all three admitted (or the short one done) before the signal
+            while not finishing.done() and httpx.get(f"{url}/health", timeout=60).json()["running"] < 3:
+                assert time.monotonic() < deadline, "the three requests were not admitted within 60 s"
+                time.sleep(0.05)
             process.send_signal(signal.SIGTERM)
             late = pool.submit(short)
             status, lines = stream_future.result(60)
