@@ -21,6 +21,8 @@ import torch
 from blockrt.exporter.model import Attention
 from blockrt.exporter.qlinear import FP8_MAX
 
+from .inductor import triton_kernels_run
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,7 @@ def enable_fp8_kv_cache(model: torch.nn.Module, sequences: list[list[int]]) -> l
     for seq in sequences:
         n = max(2 * L, len(seq) // L * L)
         model(torch.tensor([(seq * (n // len(seq) + 1))[:n]], device=device))
-    fused = device.type == "cuda" and _triton_available() and _decode_kernel_agrees(device, _stack(model).config)
+    fused = triton_kernels_run(device) and _decode_kernel_agrees(device, _stack(model).config)
     for h in hooks:
         h.scales = tuple(max(a, 1e-6) / FP8_MAX for a in h.amax)
         h.fused = fused
@@ -91,14 +93,6 @@ def _decode_kernel_agrees(device: torch.device, stack_config) -> bool:
     if not rel < 2e-2:
         log.warning("fused FP8 decode attention disagrees with the reference (rel %.1e): dequantizing instead", rel)
     return rel < 2e-2
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @torch.library.custom_op("blockrt::fp8_decode_attention", mutates_args=())

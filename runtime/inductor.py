@@ -37,11 +37,22 @@ def skip_reason(device: torch.device) -> str | None:
     """Why steps on `device` run eagerly instead of compiled (None: they can be compiled)."""
     if device.type != "cuda":
         return f"compilation targets CUDA GPUs; on {device.type} the steps run eagerly"
+    if not _triton_installed():
+        return "triton is not installed, which torch.compile needs on a GPU"
+    return None
+
+
+def triton_kernels_run(device: torch.device) -> bool:
+    """Whether Triton kernels (Inductor's and our own) can run on `device`: a CUDA GPU, with triton."""
+    return skip_reason(device) is None
+
+
+def _triton_installed() -> bool:
     try:
         import triton  # noqa: F401  (Inductor's GPU code generator)
     except ImportError:
-        return "triton is not installed, which torch.compile needs on a GPU"
-    return None
+        return False
+    return True
 
 
 def _configure() -> None:

@@ -21,16 +21,6 @@ import torch
 MAX_ROWS = 16  # cached rows (keys) this kernel handles; the token decoder has L + 1
 
 
-def available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @torch.library.custom_op("blockrt::small_cache_attention", mutates_args=())
 def small_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                           scale: float) -> torch.Tensor:

@@ -22,9 +22,8 @@ from blockrt.exporter.steps import step_modules
 from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
 from .engine import Engine
-from .inductor import CompiledStep, skip_reason
+from .inductor import CompiledStep, skip_reason, triton_kernels_run
 from .quant_kernels import prepare_quantized
-from .small_attention import available as small_attention_available
 from .small_attention import small_cache_attention
 
 log = logging.getLogger(__name__)
@@ -127,14 +126,14 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
         compile = reason is None
     prepare_quantized(model, manifest, directory, device, compiled=compile)
     if isinstance(model, BlockTransformer):  # attention over the token decoder's L + 1 rows: one Triton
-        kernel = small_cache_attention if small_attention_available(device) else None  # kernel on CUDA
+        kernel = small_cache_attention if triton_kernels_run(device) else None  # kernel on CUDA
         for module in model.token_decoder.modules():
             if isinstance(module, Attention):
                 module.decode_math, module.small_cache_kernel = True, kernel
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and cuda_graphs else None
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     engines = {}
-    fp8_kv = any(getattr(m, "kv_quant", None) is not None for m in model.modules())
+    fp8_kv = _has_fp8_kv_cache(model)
     for name, step in steps.items():
         rows = max(1, attend_tokens // manifest.block_len) if name == "block_decoder" else attend_tokens
         eager = compile and fp8_kv and name != "token_decoder"  # the token decoder's cache is never FP8
@@ -150,7 +149,11 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
 def _is_quantized(model: torch.nn.Module) -> bool:
     from blockrt.exporter.qlinear import QuantEmbedding, QuantLinear
 
-    return any(isinstance(m, (QuantLinear, QuantEmbedding)) or getattr(m, "kv_quant", None) is not None for m in model.modules())
+    return _has_fp8_kv_cache(model) or any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def _has_fp8_kv_cache(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "kv_quant", None) is not None for m in model.modules())
 
 
 def _own_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
