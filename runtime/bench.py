@@ -296,6 +296,11 @@ def format_table(results: list[BenchResult]) -> str:
                      f"{r.tpot_ms:.2f}", f"{r.output_tok_s:,.0f}", f"{r.total_tok_s:,.0f}",
                      "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.1f}",
                      "-" if r.host_overhead is None else f"{100 * r.host_overhead:.1f}%", steps or "-"])
+    return text_table(head, rows)
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, separated by ' | ', with a rule under the head."""
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]

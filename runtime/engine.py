@@ -67,6 +67,7 @@ class Engine(ABC):
         self.concat = manifest.cache_io == "concat"
         self.tokens_per_row = manifest.block_len if graph == "block_decoder" else 1
         self.spare_cache_rows = 0  # rows the runtime allocates beyond the cache length (never used)
+        self.captures = 0  # CUDA graphs captured so far
 
     def new_rows(self, input_ids: torch.Tensor) -> int:
         """Cache rows one call adds per sequence: blocks for block_decoder, tokens otherwise."""

@@ -66,6 +66,21 @@ class TokenEvent:
     finished: bool
 
 
+@dataclass(slots=True)
+class StepTrace:
+    """Host timing of one `Generator.step` (perf_counter seconds; see `Generator.trace`)."""
+
+    start: float
+    launched: float  # compaction, admission (prefills) and the round's launch done
+    end: float  # the oldest round's tokens read
+    waited: float  # seconds of [launched, end] spent waiting for the device
+    rows: int  # live rows after admission
+    joined: int  # requests admitted (prefilled) in this step
+    prefills: int  # prefill calls they took
+    moved: int  # rows moved by compaction
+    graphs: int  # CUDA graphs captured so far (all engines)
+
+
 @dataclass
 class _Round:
     event: object  # torch.cuda.Event or None on CPU
@@ -118,6 +133,8 @@ class Generator:
         self.queue: collections.deque[Request] = collections.deque()
         self.inflight: collections.deque[_Round] = collections.deque()
         self._ids = itertools.count()
+        self._waited = 0.0  # seconds the current step waited for the device
+        self.trace: collections.deque[StepTrace] | None = None  # set a deque to record every step's StepTrace
 
     def _alloc(self, stack, length: int, dtype) -> list[torch.Tensor]:
         shape = (self.capacity, stack.num_heads, length, stack.head_dim)
@@ -178,19 +195,26 @@ class Generator:
     def step(self) -> list[TokenEvent]:
         """Admit waiting sequences, launch one round, and return the tokens of the oldest round
         whose results are ready (rounds run `PIPELINE_DEPTH` ahead of the host)."""
-        self._compact()
-        self._admit()
+        start = time.perf_counter()
+        moved = self._compact()
+        joined, prefills = self._admit()
         launched = self._launch_round()
         events: list[TokenEvent] = []
+        self._waited = 0.0
+        after_launch = time.perf_counter()
         while len(self.inflight) > PIPELINE_DEPTH or (self.inflight and not launched):
             events += self._collect(self.inflight.popleft())
+        if self.trace is not None:
+            graphs = sum(e.captures for e in self.engines.values())
+            self.trace.append(StepTrace(start, after_launch, time.perf_counter(), self._waited, len(self.rows), joined,
+                                        prefills, moved, graphs))
         return events
 
-    def _compact(self) -> None:
-        """Move live rows from the tail into the holes of finished ones."""
+    def _compact(self) -> int:
+        """Move live rows from the tail into the holes of finished ones; how many moved."""
         keep = [i for i, r in enumerate(self.rows) if not r.finished]
         if len(keep) == len(self.rows):
-            return
+            return 0
         n = len(keep)
         holes = [i for i in range(n) if self.rows[i].finished]
         tail = [i for i in keep if i >= n]
@@ -204,8 +228,10 @@ class Generator:
             for h, t in zip(holes, tail):
                 self.rows[h], self.row_past[h], self.row_launched[h] = self.rows[t], self.row_past[t], self.row_launched[t]
         del self.rows[n:], self.row_past[n:], self.row_launched[n:]
+        return len(tail)
 
-    def _admit(self) -> None:
+    def _admit(self) -> tuple[int, int]:
+        """Give waiting requests rows and prefill them; (requests admitted, prefill calls)."""
         joining: list[Request] = []
         while self.queue and len(self.rows) + len(joining) < self.capacity:
             request = self.queue.popleft()
@@ -213,16 +239,18 @@ class Generator:
                 joining.append(request)
         # prefill in groups of rows, so activations stay bounded for long prompts and big batches
         group: list[Request] = []
-        longest = 0
+        longest = prefills = 0
         for request in joining:
             units = math.ceil(len(request.prompt) / self.L)
             if group and (len(group) + 1) * max(longest, units) > self.prefill_budget:
                 self._prefill(group)
-                group, longest = [], 0
+                group, longest, prefills = [], 0, prefills + 1
             group.append(request)
             longest = max(longest, units)
         if group:
             self._prefill(group)
+            prefills += 1
+        return len(joining), prefills
 
     def _prefill(self, joining: list[Request]) -> None:
         start, k = len(self.rows), len(joining)
@@ -318,7 +346,9 @@ class Generator:
 
     def _collect(self, round_: _Round) -> list[TokenEvent]:
         if round_.event is not None:
+            waiting = time.perf_counter()
             round_.event.synchronize()
+            self._waited += time.perf_counter() - waiting
         now = time.perf_counter()
         events = []
         eos = self.config.eos_token_id

@@ -59,6 +59,7 @@ class TorchEngine(Engine):
         key = (tuple(t.shape for t in inputs), attend_len, caches[0].data_ptr())
         if key not in self._graphs:
             self._graphs[key] = self._capture(inputs, caches, attend_len)
+            self.captures += 1
         graph, static_inputs, output = self._graphs[key]
         for dst, src in zip(static_inputs, inputs):
             dst.copy_(src, non_blocking=True)

@@ -3,6 +3,7 @@ PyTorch reference `generate`, on exported tiny artifacts."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -104,6 +105,27 @@ def test_more_prompts_than_rows_queue_and_each_gets_its_own_tokens(exported):
     prompts = [[i + 1] * (i % 6 + 1) for i in range(7)]
     config = GenerationConfig(max_new_tokens=24 + 0, ignore_eos=True)
     assert [r.token_ids for r in model.generate(prompts, config)] == reference_tokens(artifact, prompts, config)
+
+
+def test_a_traced_generator_records_each_step_admissions_prefills_and_compaction(exported):
+    model = Model.load(exported("tiny_block"), backend="torch", max_batch=2)
+    gen = model.generator()
+    gen.trace = collections.deque()
+    lengths = [8, 16, 8]  # row 0 ends first, row 1 moves into its hole and the third joins as row 1, which
+    # outlives the second prompt (it joined two rounds later): it moves into row 0 in turn
+    for n in lengths:
+        gen.add([5, 6, 7], GenerationConfig(max_new_tokens=n, ignore_eos=True))
+    steps = 0
+    while gen.has_work:
+        gen.step()
+        steps += 1
+    trace = list(gen.trace)
+    assert len(trace) == steps
+    assert [t.joined for t in trace if t.joined] == [2, 1] and sum(t.prefills for t in trace) == 2
+    assert max(t.rows for t in trace) == 2 and trace[-1].rows <= 1
+    assert [t.moved for t in trace if t.moved] == [1, 1]
+    assert all(t.start <= t.launched <= t.end and t.waited == 0 for t in trace)  # CPU: nothing to wait for
+    assert all(a.end <= b.start for a, b in zip(trace, trace[1:]))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

@@ -709,7 +709,7 @@ def test_blockrt_serve_rejects_a_batch_above_the_artifact_limit(exported, blockr
 def test_bench_serve_measures_the_server_and_the_offline_engine_on_the_same_workload(blockrt_cli, tmp_path):
     code, out, err = blockrt_cli("bench", "tiny_block", "--serve", "--dtype", "fp32", "--device", "cpu", "--clients", "2",
                                  "--requests", "2", "--prompt-len", "5", "--gen-len", "12", "--client-processes", "1",
-                                 "--out", str(tmp_path / "serve.json"))
+                                 "--trace-dir", str(tmp_path / "traces"), "--out", str(tmp_path / "serve.json"))
     assert code == 0, err
     result = json.loads((tmp_path / "serve.json").read_text())["results"][0]
     served, offline = result["served"], result["offline"]
@@ -718,3 +718,13 @@ def test_bench_serve_measures_the_server_and_the_offline_engine_on_the_same_work
     assert result["ratio"]["output_tokens_per_s"] == pytest.approx(served["output_tokens_per_s"] / offline["output_tokens_per_s"])
     assert all(0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"] for run in (served, offline))
     assert "served" in out and "offline" in out and "2x2" in out
+    # each engine's steps during the measured load: the 4 measured requests (not the warm-up's 2) were
+    # admitted; offline, 2 rows take them in 2 prefills of 2, each over 3 rounds of 4 tokens (+1 to read the last)
+    (engine,), (off,) = served["engine_steps"], offline["engine_steps"]
+    assert engine["joined"] == off["joined"] == 4 and off["prefills"] == 2 and engine["prefills"] >= 2
+    assert off["steps"] == 2 * (12 // 4 + 1) and engine["steps"] >= off["steps"]
+    assert engine["device_wait_ms"] == off["device_wait_ms"] == 0 and engine["graphs_captured"] == 0
+    assert "engine steps during the run" in out
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["engine-0-2.json", "offline-0-2.json"]
+    steps = json.loads((tmp_path / "traces" / "offline-0-2.json").read_text())["steps"]
+    assert len(steps) == off["steps"] and sum(step[5] for step in steps) == 4  # StepTrace.joined

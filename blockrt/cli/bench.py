@@ -63,11 +63,14 @@ log = logging.getLogger("blockrt.bench")
 @click.option("--devices", default=None, metavar="LIST", help="--serve: one engine per device, e.g. cuda:0,cuda:1.")
 @click.option("--data-parallel", type=click.IntRange(1), default=None, metavar="N",
               help="--serve: shorthand for --devices cuda:0,...,cuda:N-1.")
+@click.option("--trace-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--serve: keep each engine's raw step trace of each run there (engine-N-STREAMS.json; the "
+              "results always hold their summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
 def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, quantize, kv_cache_dtype,
             device, compile_steps, profile, serve, clients, requests, client_processes, offline, http_workers, devices,
-            data_parallel, as_json, out):
+            data_parallel, trace_dir, as_json, out):
     """Benchmark MODEL (a preset name or an artifact directory) and compare it with baselines.
 
     EOS is ignored so every sequence generates exactly the requested tokens. Reports time to first
@@ -90,7 +93,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     """
     if serve:
         _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len or 128,
-                     gen_len or 128, client_processes, offline, http_workers, compile_steps, as_json, out)
+                     gen_len or 128, client_processes, offline, http_workers, compile_steps, trace_dir, as_json, out)
         return
     from blockrt.runtime.bench import (WORKLOADS, Target, format_ratios, format_table, run_bench, to_json)
 
@@ -120,7 +123,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
 
 
 def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients, requests, prompt_len, gen_len,
-                 client_processes, offline, http_workers, compile_steps, as_json, out) -> None:
+                 client_processes, offline, http_workers, compile_steps, trace_dir, as_json, out) -> None:
     from blockrt.errors import UserError, require
     from blockrt.exporter import PRESETS, get_preset
     from blockrt.generation import padded_len
@@ -142,7 +145,7 @@ def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients,
     results = []
     for count in counts:
         results.append(bench_serve(specs, count, requests, prompt_len, gen_len, client_processes, offline,
-                                   http_workers))
+                                   http_workers, trace_dir))
         log.info("%d streams: %s", count, format_serve(results[-1:]))  # also in the log, in case a later one fails
     from blockrt.runtime.bench import environment
 

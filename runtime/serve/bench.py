@@ -9,18 +9,27 @@ same workload in the same run, so the ratio is always measured side by side.
    streams per device) runs the same number of prompts of the same lengths, after its own warm-up.
 
 Both report output tokens/s over the wall time and per-request TTFT / TPOT percentiles
-(TPOT = (end - first token) / (tokens - 1)).
+(TPOT = (end - first token) / (tokens - 1)), and where each engine's time went during the run
+(`step_summary`: generator steps, waiting for the device, host time, prefills, CUDA graph captures,
+garbage collections).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
+import statistics
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import replace
 
-from .core import ModelSpec
+from blockrt.runtime.bench import text_table
+from blockrt.runtime.generator import StepTrace
+
+from .core import ModelSpec, start_trace
 from .loadgen import Load, percentiles, run_load
 
 log = logging.getLogger(__name__)
@@ -36,17 +45,21 @@ def _offline_process(spec: ModelSpec, prompts: int, prompt_len: int, gen_len: in
     model.generate(ids[:model.max_batch], config)  # warm-up: captures the CUDA graphs
     out.send("ready")
     out.recv()  # every device starts together
+    trace = start_trace(model.generator())
     start = time.perf_counter()
     results = model.generate(ids, config)
     end = time.perf_counter()
-    out.send({"start": start, "end": end, "tokens": sum(len(r.token_ids) for r in results),
+    out.send({"start": start, "end": end, "trace": trace(), "tokens": sum(len(r.token_ids) for r in results),
               "ttft": [r.time_to_first_token_s for r in results],
               "tpot": [(r.latency_s - r.time_to_first_token_s) / (len(r.token_ids) - 1) for r in results
                        if len(r.token_ids) > 1]})
 
 
-def bench_offline(specs: list[ModelSpec], prompts: int, prompt_len: int, gen_len: int) -> dict:
-    """`prompts` prompts split over one offline engine process per spec, run at the same time."""
+def bench_offline(specs: list[ModelSpec], prompts: int, prompt_len: int, gen_len: int,
+                  trace_path: Path | None = None) -> dict:
+    """`prompts` prompts split over one offline engine process per spec, run at the same time;
+    `trace_path` (with `{}` for the engine's index) keeps each engine's raw step trace."""
+    batch = specs[0].max_batch
     context = multiprocessing.get_context("spawn")
     workers, pipes = [], []
     share, extra = divmod(prompts, len(specs))
@@ -69,21 +82,66 @@ def bench_offline(specs: list[ModelSpec], prompts: int, prompt_len: int, gen_len
     finally:
         for worker in workers:
             worker.join(60)
+    if trace_path is not None:
+        for i, p in enumerate(parts):
+            Path(str(trace_path).format(i)).write_text(json.dumps(p["trace"]))
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
     return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
             "ttft_s": percentiles([t for p in parts for t in p["ttft"]]),
-            "tpot_s": percentiles([t for p in parts for t in p["tpot"]])}
+            "tpot_s": percentiles([t for p in parts for t in p["tpot"]]),
+            "engine_steps": [step_summary(p["trace"], p["start"], p["end"], batch) for p in parts]}
+
+
+def step_summary(trace: dict, start: float, end: float, batch: int) -> dict:
+    """Where one engine's time went between `start` and `end` (perf_counter), from a trace of
+    `core.start_trace`: generator steps (each admits, launches a round and reads the previous one),
+    the wait for the device within them, the host time between them (a server's engine loop:
+    commands and output), prefills, CUDA graph captures and garbage collections. `full_batch_*`:
+    steps with at least 95% of `batch` rows and no prefill, the steady state of a decode-bound run."""
+    steps = [StepTrace(*row) for row in trace["steps"] if start <= row[0] <= end]
+    if len(steps) < 2:
+        return {"steps": len(steps)}
+    pairs = list(zip(steps, steps[1:]))
+    full = [b.start - a.start for a, b in pairs if a.rows >= 0.95 * batch and a.joined == 0]
+    gcs = [(b - a, generation) for a, b, generation in trace["gc"] if start <= a <= end]
+
+    def ms(values) -> float | None:
+        return 1e3 * statistics.fmean(values) if values else None
+
+    return {"steps": len(steps), "step_ms": ms([b.start - a.start for a, b in pairs]),
+            "full_batch_steps": len(full), "full_batch_step_ms": ms(full),
+            "full_batch_step_p50_ms": 1e3 * statistics.median(full) if full else None,
+            "host_ms": ms([t.end - t.start - t.waited for t in steps]), "device_wait_ms": ms([t.waited for t in steps]),
+            "between_steps_ms": ms([b.start - a.end for a, b in pairs]),
+            "prefills": sum(t.prefills for t in steps), "joined": sum(t.joined for t in steps),
+            "moved_rows": sum(t.moved for t in steps), "graphs_captured": steps[-1].graphs - steps[0].graphs,
+            "gc_ms": 1e3 * sum(d for d, _ in gcs), "gc_full": sum(1 for _, g in gcs if g == 2),
+            "gc_max_ms": 1e3 * max((d for d, _ in gcs), default=0.0)}
 
 
 def bench_serve(specs: list[ModelSpec], clients: int, requests: int, prompt_len: int, gen_len: int,
-                client_processes: int = 4, offline: bool = True, http_workers: int = 1) -> dict:
+                client_processes: int = 4, offline: bool = True, http_workers: int = 1,
+                trace_dir: Path | None = None) -> dict:
     """Served vs offline on one workload; a dict with both summaries and their ratios.
-    `http_workers` > 1: the server's HTTP side in that many processes (`Workers`)."""
+    `http_workers` > 1: the server's HTTP side in that many processes (`Workers`). Each engine
+    process traces its steps (`step_summary` of the measured load in "engine_steps"); `trace_dir`
+    keeps the raw traces (engine-N-STREAMS.json)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        where = Path(trace_dir or scratch)
+        where.mkdir(parents=True, exist_ok=True)
+        traces = [where / f"engine-{i}-{clients}.json" for i in range(len(specs))]
+        per_device = math.ceil(clients / len(specs))
+        specs = [replace(s, max_batch=per_device, trace=str(t)) for s, t in zip(specs, traces)]
+        return _bench_serve(specs, traces, clients, requests, prompt_len, gen_len, client_processes, offline,
+                            http_workers, Path(trace_dir) if trace_dir else None)
+
+
+def _bench_serve(specs: list[ModelSpec], traces: list[Path], clients: int, requests: int, prompt_len: int,
+                 gen_len: int, client_processes: int, offline: bool, http_workers: int, trace_dir: Path | None) -> dict:
     from .app import Server, Workers, create_app
 
-    per_device = math.ceil(clients / len(specs))
-    specs = [replace(s, max_batch=per_device) for s in specs]
+    per_device = specs[0].max_batch
     load = Load(clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=gen_len)
     log.info("serving %s on %d engine(s), batch %d each, %d HTTP process(es)", specs[0].describe(), len(specs),
              per_device, http_workers)
@@ -107,13 +165,15 @@ def bench_serve(specs: list[ModelSpec], clients: int, requests: int, prompt_len:
     if served["failed"]:
         raise RuntimeError(f"{sum(served['failed'].values())} served requests failed ({served['failed']}): "
                            f"{served['first_error']}")
+    served["engine_steps"] = [step_summary(json.loads(t.read_text()), *served["window"], per_device) for t in traces]
     result = {"model": specs[0].describe(), "devices": [s.device for s in specs], "http_workers": http_workers,
               "clients": clients,
               "requests_per_client": requests, "prompt_len": prompt_len, "gen_len": gen_len, "batch_per_engine": per_device,
               "served": served}
     if offline:
         log.info("offline: %d prompts on %d engine(s), batch %d each", clients * requests, len(specs), per_device)
-        off = bench_offline(specs, clients * requests, prompt_len, gen_len)
+        off = bench_offline([replace(s, trace=None) for s in specs], clients * requests, prompt_len, gen_len,
+                            trace_dir and trace_dir / f"offline-{{}}-{clients}.json")
         result["offline"] = off
         result["ratio"] = {"output_tokens_per_s": served["output_tokens_per_s"] / off["output_tokens_per_s"],
                            "tpot_p50": served["tpot_s"]["p50"] / off["tpot_s"]["p50"]}
@@ -136,7 +196,19 @@ def format_serve(results: list[dict]) -> str:
                          f"{x['output_tokens_per_s']:,.0f}", ratio, f"{x['ttft_s']['p50']:.3f}", f"{x['ttft_s']['p99']:.3f}",
                          f"{1e3 * x['tpot_s']['p50']:.2f}", f"{1e3 * x['tpot_s']['p99']:.2f}",
                          f"{1e3 * x['event_loop_lag_mean_s']:.2f}" if "event_loop_lag_mean_s" in x else ""])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    steps_head = ["streams", "run", "engine", "steps", "step ms", "full-batch step ms (n)", "host ms", "device wait ms",
+                  "between steps ms", "prefills (joined)", "graphs captured", "gc ms (full)"]
+    steps_rows = []
+    for r in results:
+        for run in ("served", "offline"):
+            for i, e in enumerate(r.get(run, {}).get("engine_steps", [])):
+                if e["steps"] < 2:
+                    continue
+                ms = {k: "-" if e[k] is None else f"{e[k]:.2f}" for k in ("step_ms", "full_batch_step_ms", "host_ms",
+                                                                          "device_wait_ms", "between_steps_ms")}
+                steps_rows.append([f"{r['clients']}x{r['requests_per_client']}", run, str(i), str(e["steps"]),
+                                   ms["step_ms"], f"{ms['full_batch_step_ms']} ({e['full_batch_steps']})", ms["host_ms"],
+                                   ms["device_wait_ms"], ms["between_steps_ms"], f"{e['prefills']} ({e['joined']})",
+                                   str(e["graphs_captured"]), f"{e['gc_ms']:.1f} ({e['gc_full']})"])
+    return text_table(head, rows) + ("\n\nengine steps during the run:\n" + text_table(steps_head, steps_rows) if steps_rows else "")
+

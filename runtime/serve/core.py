@@ -14,7 +14,10 @@ A generator exception fails the sequences it was running and keeps the ones stil
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import gc
+import json
 import logging
 import multiprocessing.connection
 import os
@@ -81,10 +84,18 @@ class Round:
     running: int  # rows generating
 
     @classmethod
-    def of(cls, updates: list[Update], waiting: int, running: int) -> "Round":
-        return cls([u.job for u in updates], [u.tokens for u in updates],
-                   {u.job: (u.finish_reason, u.error, u.shutdown) for u in updates if u.finish_reason is not None},
-                   waiting, running)
+    def of(cls, updates: list[Update], waiting: int = 0, running: int = 0) -> "Round":
+        round_ = cls([], [], {}, waiting, running)
+        for update in updates:
+            round_.add(update.job, update.tokens, update.finish_reason, update.error, update.shutdown)
+        return round_
+
+    def add(self, job: int, tokens: list[int], finish_reason: str | None = None, error: str | None = None,
+            shutdown: bool = False) -> None:
+        self.jobs.append(job)
+        self.tokens.append(tokens)
+        if finish_reason is not None:
+            self.finished[job] = (finish_reason, error, shutdown)
 
     def split(self, n: int) -> list["Round"]:
         """One round per front end k of n, with the jobs j where j % n == k (and the batch counts)."""
@@ -129,7 +140,8 @@ class ModelSpec:
     """How a core process gets its model: an artifact directory, a preset with random weights
     (PyTorch engine), or any picklable `factory()` returning a Model. `device` "cuda:N" makes
     the process see only GPU N. `compile`: the PyTorch engine's compiled steps (`Model.load`'s
-    `compile=`; on a CPU they run eagerly, and the engine logs why)."""
+    `compile=`; on a CPU they run eagerly, and the engine logs why). `trace`: a file for the core
+    process's `StepTrace`s and garbage collections (see `write_trace`; `blockrt bench --serve`)."""
 
     artifact: str | None = None
     preset: str | None = None
@@ -142,6 +154,7 @@ class ModelSpec:
     factory: Callable | None = None
     name: str | None = None
     compile: bool = False
+    trace: str | None = None  # a core process writes its steps' host timings here (JSON) when it stops
 
     def describe(self) -> str:
         return self.artifact or self.preset or getattr(self.factory, "__name__", "model")
@@ -233,10 +246,10 @@ class EngineCore:
                     return
                 inbox, self._inbox = self._inbox, []
             t1 = clock()
-            updates: list[Update] = []
+            out = Round([], [], {}, 0, 0)
             for command in inbox:
                 if isinstance(command, Add):
-                    self._add(command, updates)
+                    self._add(command, out)
                 elif isinstance(command, Cancel):
                     self._cancel(command.job)
                 else:
@@ -244,21 +257,22 @@ class EngineCore:
                         self._cancel(job)
             t2 = clock()
             if gen.has_work:
-                self._step(updates)
+                self._step(out)
                 self.rounds += 1
             t3 = clock()
-            self.emit(Round.of(updates, len(gen.waiting), gen.running))
+            out.waiting, out.running = len(gen.waiting), gen.running
+            self.emit(out)
             t4 = clock()
             seconds["idle"] += t1 - t0
             seconds["commands"] += t2 - t1
             seconds["step"] += t3 - t2
             seconds["emit"] += t4 - t3
 
-    def _add(self, command: Add, updates: list[Update]) -> None:
+    def _add(self, command: Add, out: Round) -> None:
         try:
             request = self.generator.add(command.prompt, command.config)
         except Exception as e:  # the front end checked it, so this is the server's fault: fail this job only
-            updates.append(Update(command.job, [], "error", f"{type(e).__name__}: {e}"))
+            out.add(command.job, [], "error", f"{type(e).__name__}: {e}")
             return
         self._jobs[request.id] = command.job
         self._requests[command.job] = request
@@ -269,26 +283,30 @@ class EngineCore:
             self.generator.cancel(request)
             self._jobs.pop(request.id, None)
 
-    def _step(self, updates: list[Update]) -> None:
+    def _step(self, out: Round) -> None:
+        """One generator step; its tokens go into `out` as columns (no object per job)."""
         try:
             events = self.generator.step()
         except Exception as e:  # a device or engine failure: fail what ran, keep serving
             log.exception("generator step failed")
-            self._recover(f"generation failed: {type(e).__name__}: {e}", updates)
+            self._recover(f"generation failed: {type(e).__name__}: {e}", out)
             return
-        jobs = self._jobs
+        jobs, jobs_out, tokens_out, finished = self._jobs, out.jobs, out.tokens, out.finished
         for event in events:
-            job = jobs.get(event.request.id)
+            request = event.request
+            job = jobs.get(request.id)
             if job is None:
                 continue
             if event.finished:
-                del jobs[event.request.id]
+                del jobs[request.id]
                 del self._requests[job]
-                updates.append(Update(job, event.tokens, event.request.finish_reason))
-            elif event.tokens:
-                updates.append(Update(job, event.tokens))
+                finished[job] = (request.finish_reason, None, False)
+            elif not event.tokens:
+                continue
+            jobs_out.append(job)
+            tokens_out.append(event.tokens)
 
-    def _recover(self, message: str, updates: list[Update]) -> None:
+    def _recover(self, message: str, out: Round) -> None:
         """After a failed step: requests still in the generator's queue were not touched, so they
         are queued again on the reset generator; every other open job fails."""
         gen = self.generator
@@ -296,9 +314,42 @@ class EngineCore:
         gen.reset()
         failed = set(self._requests) - {job for job, _ in untouched}
         self._jobs, self._requests = {}, {}
-        updates += [Update(job, [], "error", message) for job in failed]
+        for job in failed:
+            out.add(job, [], "error", message)
         for job, r in untouched:
-            self._add(Add(job, r.prompt, r.config), updates)
+            self._add(Add(job, r.prompt, r.config), out)
+
+
+# ------------------------------------------------------------------------------------ tracing
+
+TRACE_LIMIT = 1_000_000  # steps (and garbage collections) a trace keeps, the latest
+
+
+class _CollectorSpans:
+    """gc callback: (start, end, generation) of each garbage collection, perf_counter seconds."""
+
+    def __init__(self):
+        self.spans: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=TRACE_LIMIT)
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.spans.append((self._start, time.perf_counter(), info["generation"]))
+
+
+def start_trace(generator) -> Callable[[], dict]:
+    """Record `generator`'s steps (`StepTrace`) and this process's garbage collections from now on;
+    returns a function giving both as JSON-ready lists (see `blockrt.runtime.serve.bench.step_summary`)."""
+    generator.trace = collections.deque(maxlen=TRACE_LIMIT)
+    collections_ = _CollectorSpans()
+    gc.callbacks.append(collections_)
+
+    def result() -> dict:
+        return {"steps": [dataclasses.astuple(t) for t in generator.trace], "gc": list(collections_.spans)}
+
+    return result
 
 
 # ------------------------------------------------------------------------------------ as a process
@@ -325,6 +376,7 @@ def run_core_process(spec: ModelSpec, connections: list) -> None:
     gc.freeze()  # the model's objects never die: keep the collector off them
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     core = EngineCore(model, outbox.put)
+    trace = start_trace(core.generator) if spec.trace else None
     n = len(connections)
     gone: set[int] = set()  # front ends whose pipe broke
 
@@ -372,3 +424,6 @@ def run_core_process(spec: ModelSpec, connections: list) -> None:
     for k, connection in enumerate(connections):
         if k not in gone:
             connection.close()
+    if trace is not None:
+        with open(spec.trace, "w") as f:
+            json.dump(trace(), f)

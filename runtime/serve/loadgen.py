@@ -197,7 +197,9 @@ def summarize(results: list[dict], load: Load, url: str) -> dict:
     return {
         "url": url, **asdict(load), "completed": len(ok), "failed": errors,
         "first_error": next((r["error"] for r in results if r["status"] != 200), None),
-        "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens,
+        "wall_s": wall,  # window: perf_counter (system-wide) of the first request sent and the last one done
+        "window": [min(r["start"] for r in ok), max(r["end"] for r in ok)] if ok else None,
+        "requests_per_s": len(ok) / wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens,
         "latency_s": percentiles([r["end"] - r["start"] for r in ok]),
         "ttft_s": percentiles([r["first"] - r["start"] for r in ok]),
         "tpot_s": percentiles([(r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]),
