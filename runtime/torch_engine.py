@@ -134,14 +134,10 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and cuda_graphs else None
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     engines = {}
-    fp8_kv = _has_fp8_kv_cache(model)
     for name, step in steps.items():
         rows = max(1, attend_tokens // manifest.block_len) if name == "block_decoder" else attend_tokens
-        eager = compile and fp8_kv and name != "token_decoder"  # the token decoder's cache is never FP8
-        if eager:  # compiled, its step took 1.9x the bf16 one on an H100 (README "FP8 KV cache")
-            log.info("%s runs eagerly: compiled steps over an FP8 KV cache were slower", name)
         compiled = None
-        if compile and not eager:
+        if compile:
             compiled = CompiledStep(step, name, symbolic_cache_len=name != "token_decoder")
         engines[name] = TorchEngine(manifest, name, step, device, cuda_graphs, rows, pool, compiled)
     return engines

@@ -1,8 +1,8 @@
-"""Does the FP8 KV decode-attention kernel read the cache at the memory bandwidth? Times
-`blockrt.runtime.fp8_kv.decode_attention` (one query row per sequence and head, FP8 keys and
-values) against PyTorch's SDPA over a bf16 cache of the same shape, on the block decoder's shapes
-of block_main_b4_1.2b (16 heads of 128), and prints the bytes each reads per second next to a
-device-to-device copy. Needs a CUDA GPU and Triton.
+"""Does the FP8 KV decode step read the cache at the memory bandwidth? Times
+`blockrt.runtime.fp8_kv.fp8_kv_decode` (one new row per sequence and head: quantized, written into
+the FP8 cache, and attended to with the older rows) against PyTorch's SDPA over a bf16 cache of
+the same shape, on the block decoder's shapes of block_main_b4_1.2b (16 heads of 128), and prints
+the bytes each reads per second next to a device-to-device copy. Needs a CUDA GPU and Triton.
 
     python samples/fp8_kv_bandwidth.py --batch 2048 --rows 160
 """
@@ -14,7 +14,7 @@ import argparse
 import torch
 import triton.testing
 
-from blockrt.runtime.fp8_kv import decode_attention
+from blockrt.runtime.fp8_kv import fp8_kv_decode
 
 
 def main() -> None:
@@ -29,17 +29,21 @@ def main() -> None:
     q = torch.randn(B, H, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(B, H, S, D, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    mask = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    new_k, new_v = k[:, :, -1:].clone(), v[:, :, -1:].clone()  # the step's new row: the last of each sequence
+    last = torch.full((B,), S - 1, dtype=torch.long, device="cuda")
     scale = D ** -0.5
 
-    fp8 = decode_attention(q, k8, v8, mask, 1.0, 1.0, scale)  # also autotunes the tile size
+    def fp8_step():
+        return fp8_kv_decode(q, new_k, new_v, k8, v8, last, S, 1.0, 1.0, scale)
+
+    fp8 = fp8_step()  # also autotunes the tile size
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k8.float(), v8.float(), scale=scale)
     rel = float((fp8.float() - ref).norm() / ref.norm())
     copy_src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     copy_dst = torch.empty_like(copy_src)
     runs = {
         "device copy (1 GiB read + write)": (lambda: copy_dst.copy_(copy_src), 2 << 30),
-        "fp8 decode_attention (Triton)": (lambda: decode_attention(q, k8, v8, mask, 1.0, 1.0, scale), 2 * B * H * S * D),
+        "fp8 fp8_kv_decode (Triton)": (fp8_step, 2 * B * H * S * D),
         "bf16 SDPA": (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), 4 * B * H * S * D),
     }
     print(f"batch {B}, heads {H}, rows {S}, head_dim {D}; fp8 kernel vs fp32 reference: rel error {rel:.1e}")

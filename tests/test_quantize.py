@@ -302,6 +302,74 @@ def test_trained_model_keeps_task_accuracy_with_an_fp8_kv_cache(trained):
     assert fp8_accuracy >= accuracy - 0.01
 
 
+def _fp8_decode_step_setup(seed: int = 0):
+    """tiny_block (bf16) with an FP8 KV cache, its block decoder step (in place) and the inputs of
+    one decode step: ragged past lengths, caches full of random FP8 rows."""
+    from blockrt.exporter import build_model, get_preset, init_random
+    from blockrt.exporter.steps import step_modules
+    from blockrt.runtime.fp8_kv import enable_fp8_kv_cache
+
+    model = init_random(build_model(get_preset("tiny_block")), seed).eval().to(torch.bfloat16)
+    enable_fp8_kv_cache(model, calibration_sequences(model.config)[0])
+    step = step_modules(model, "inplace", inplace=True)["block_decoder"]
+    cfg, B, S = model.config.block_decoder, 6, 33
+    gen = torch.Generator().manual_seed(seed)
+    caches = [torch.randn(B, cfg.num_heads, S, cfg.head_dim, generator=gen).to(torch.float8_e4m3fn)
+              for _ in range(2 * cfg.num_layers)]
+    inputs = [torch.randint(0, 512, (B, model.config.block_len), generator=gen),
+              torch.tensor([5, 0, 31, 7, 2, 30]), torch.ones(B, dtype=torch.long)]
+    return model, step, inputs, caches
+
+
+@torch.no_grad()
+def test_fp8_decode_step_op_computes_and_writes_what_the_dequantizing_path_does():
+    """A decode step through `blockrt::fp8_kv_decode` (one op: quantize, write in place, attend)
+    against the step through the model's attention on dequantized rows: same output, same bytes
+    written, the new rows in place and nothing else touched."""
+    model, step, inputs, caches = _fp8_decode_step_setup()
+    hooks = [layer.attention.kv_quant for layer in model.block_decoder.gpt_neox.layers]
+    assert all(h.fused for h in hooks)  # on the CPU the op runs PyTorch ops
+    results = {}
+    for fused in (True, False):
+        for h in hooks:
+            h.fused = fused
+        mine = [c.clone() for c in caches]
+        step.attend_len = 32  # the first 32 of 33 rows, as the engine's attend buckets
+        results[fused] = step(*inputs, *mine), mine
+    (got, got_caches), (want, want_caches) = results[True], results[False]
+    assert torch.equal(got, want)
+    for before, a, b in zip(caches, got_caches, want_caches):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        changed = (a.view(torch.uint8) != before.view(torch.uint8)).any(-1).any(1)  # [B, S] rows written
+        assert changed.nonzero().tolist() == [[0, 5], [1, 0], [2, 31], [3, 7], [4, 2], [5, 30]]
+
+
+@torch.no_grad()
+def test_compiled_fp8_decode_step_works_on_the_given_cache_without_copying_it():
+    """Compiled (Inductor, here for the CPU), the decode step calls the op on the cache tensors the
+    engine passes: no FP8 buffer is allocated (the non-mutating op this replaced made Inductor copy
+    the attended cache of every layer, every step); same tokens' hidden state as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    from blockrt.runtime.inductor import CompiledStep
+
+    model, step, inputs, caches = _fp8_decode_step_setup(seed=1)
+    before, eager_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    compiled = CompiledStep(step, "block_decoder", symbolic_cache_len=True)
+    got, code = run_and_get_code(compiled, inputs, [c[:, :, :32] for c in caches])  # strided, as the engine's
+    step.attend_len = 32
+    want = step(*inputs, *eager_caches)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+    assert "fp8_kv_decode" in "".join(code)
+    allocations = [line for c in code for line in c.splitlines() if "empty_strided" in line and "float8" in line]
+    assert not allocations
+    for old, a, b in zip(before, caches, eager_caches):  # the same rows written, in place, by both
+        for written in (a, b):
+            changed = (written.view(torch.uint8) != old.view(torch.uint8)).any(-1).any(1)
+            assert changed.nonzero().tolist() == [[0, 5], [1, 0], [2, 31], [3, 7], [4, 2], [5, 30]]
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2  # bf16 rounding upstream
+
+
 # ------------------------------------------------------------ PyTorch engine kernels (CPU and CUDA)
 
 @pytest.mark.parametrize("form", ["rowwise-fast", "tensorwise-fast", "rowwise", "tensorwise"])
@@ -363,9 +431,7 @@ def test_cuda_engine_runs_the_fused_kernels_and_keeps_task_accuracy(trained, mod
         assert layers and all(m.kernel is not None for m in layers)
     if kv_cache_dtype:
         assert all(layer.attention.kv_quant.fused for layer in qmodel.block_decoder.gpt_neox.layers)
-    assert (runtime.engines["token_decoder"].compiled is not None) == compile
-    if kv_cache_dtype:  # the block decoder over an FP8 cache runs eagerly, compiled or not
-        assert runtime.engines["block_decoder"].compiled is None
+    assert all((engine.compiled is not None) == compile for engine in runtime.engines.values())
 
     def engine(prompts, n):
         return [r.token_ids for r in runtime.generate(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True))]
