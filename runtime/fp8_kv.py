@@ -203,7 +203,7 @@ def _build_kernel():
                        svnh, skb, skh, sks, svb, svh, svs, sob, soh, H, rows, attend, size_class, D: tl.constexpr,
                        BLOCK: tl.constexpr, PREFETCH: tl.constexpr, LAZY: tl.constexpr):
         pid = tl.program_id(0)
-        b = pid // H
+        b = (pid // H).to(tl.int64)  # 64-bit offsets: one layer's cache can pass 2^31 bytes (2496 x 16 x 545 x 128)
         h = pid % H
         d = tl.arange(0, D)
         w = tl.load(W + b)
