@@ -548,11 +548,11 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                             log.info("kernel profile of %s, batch %d:\n%s", label, batch,
                                      profile_kernels(model, batch, prompt_len, min(gen_len, 16)))
                         r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{model.backend}")
-                        del model
                 except torch.OutOfMemoryError:
                     log.warning("%s: batch %d does not fit in GPU memory, skipped", target.spec, batch)
                     continue
                 finally:
+                    model = None  # also after an out-of-memory error, so that the next run gets the memory back
                     gc.collect()
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()

@@ -186,27 +186,31 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    # tile rows x warps, and two variants the autotuner chooses between (each configuration checked
-    # once by `_decode_kernel_agrees` before it may be chosen): PREFETCH loads the next
-    # tile before computing on this one (more bytes in flight); LAZY keeps the weighted sum of the
-    # values per tile row and sums the rows once at the end (one reduction per tile instead of two).
-    # Integer arguments are not specialized, so the kernels compiled for the check serve every shape.
+    # tile rows x warps, and three variants the autotuner chooses between (each configuration checked
+    # once by `_decode_kernel_agrees` before it may be chosen): PREFETCH loads the next tile before
+    # computing on this one (more bytes in flight); LAZY keeps the weighted sum of the values per
+    # tile row and sums the rows once at the end (one reduction per tile instead of two); DOT runs
+    # both products on tensor cores (16 copies of the query row, bf16), which lets Triton pipeline
+    # the tile loads through shared memory (`num_stages`) instead of holding them in registers.
+    # The lengths are not specialized, so the kernels compiled for the check serve every context; the
+    # strides are (multiples of 16 bytes, so the rows load 16 bytes at a time).
     variants = {(16, 2): [(0, 0)], (32, 4): [(0, 0), (1, 0), (1, 1)], (64, 4): [(0, 0), (1, 0), (1, 1)],
                 (64, 8): [(0, 0), (1, 1)]}
-    configs = [triton.Config({"BLOCK": b, "PREFETCH": pf, "LAZY": lazy}, num_warps=w)
+    configs = [triton.Config({"BLOCK": b, "PREFETCH": pf, "LAZY": lazy, "DOT": 0}, num_warps=w)
                for (b, w), pairs in variants.items() for pf, lazy in pairs]
+    configs += [triton.Config({"BLOCK": b, "PREFETCH": 0, "LAZY": 0, "DOT": 1}, num_warps=4, num_stages=st)
+                for b, st in ((64, 3), (64, 4), (128, 3))]
 
     @triton.autotune(configs=configs, key=["D", "size_class"])
-    @triton.jit(do_not_specialize=["sqb", "sqh", "sknb", "sknh", "svnb", "svnh", "skb", "skh", "sks", "svb", "svh",
-                                   "svs", "sob", "soh", "H", "rows", "attend", "size_class"])
+    @triton.jit(do_not_specialize=["rows", "attend", "size_class"])
     def _decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_max, sqb, sqh, sknb, sknh, svnb,
                        svnh, skb, skh, sks, svb, svh, svs, sob, soh, H, rows, attend, size_class, D: tl.constexpr,
-                       BLOCK: tl.constexpr, PREFETCH: tl.constexpr, LAZY: tl.constexpr):
+                       BLOCK: tl.constexpr, PREFETCH: tl.constexpr, LAZY: tl.constexpr, DOT: tl.constexpr):
         pid = tl.program_id(0)
         b = (pid // H).to(tl.int64)  # 64-bit offsets: one layer's cache can pass 2^31 bytes (2496 x 16 x 545 x 128)
         h = pid % H
         d = tl.arange(0, D)
-        w = tl.load(W + b)
+        w = tl.load(W + b).to(tl.int32)
         # the new row: quantized, written at row w (unless past the cache), and used from registers
         kn = tl.load(KN + b * sknb + h * sknh + d).to(tl.float32) * k_inv
         vn = tl.load(VN + b * svnb + h * svnh + d).to(tl.float32) * v_inv
@@ -220,43 +224,64 @@ def _build_kernel():
         n_old = tl.minimum(w, attend)
         k_rows = K + b * skb + h * skh + d[None, :]
         v_rows = V + b * svb + h * svh + d[None, :]
-        m_i = tl.full((), -1e30, tl.float32)
-        if LAZY:
-            l_rows = tl.zeros((BLOCK,), tl.float32)
-            acc_rows = tl.zeros((BLOCK, D), tl.float32)
+        if DOT:
+            qb = (tl.zeros((16, D), tl.float32) + q[None, :]).to(tl.bfloat16)
+            m_r = tl.full((16,), -1e30, tl.float32)
+            l_r = tl.zeros((16,), tl.float32)
+            acc_r = tl.zeros((16, D), tl.float32)
+            for start in range(0, n_old, BLOCK):
+                n = start + tl.arange(0, BLOCK)
+                keep = n < n_old
+                k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0).to(tl.bfloat16)
+                v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0).to(tl.bfloat16)
+                s = tl.where(keep[None, :], tl.dot(qb, tl.trans(k)), float("-inf"))  # [16, BLOCK], rows alike
+                m_new = tl.maximum(m_r, tl.max(s, axis=1))
+                alpha = tl.exp2(m_r - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                acc_r = acc_r * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+                l_r = l_r * alpha + tl.sum(p, axis=1)
+                m_r = m_new
+            m_i = tl.max(m_r, axis=0)
+            acc = tl.sum(acc_r, axis=0) * (1.0 / 16)  # the 16 rows are copies of one
+            l_i = tl.sum(l_r, axis=0) * (1.0 / 16)
         else:
-            l_i = tl.full((), 0.0, tl.float32)
-            acc = tl.zeros((D,), tl.float32)
-        n = tl.arange(0, BLOCK)
-        if PREFETCH:
-            k_next = tl.load(k_rows + n[:, None] * sks, mask=(n < n_old)[:, None], other=0.0)
-            v_next = tl.load(v_rows + n[:, None] * svs, mask=(n < n_old)[:, None], other=0.0)
-        for start in range(0, n_old, BLOCK):
-            n = start + tl.arange(0, BLOCK)
-            keep = n < n_old
-            if PREFETCH:
-                k, v = k_next, v_next
-                after = n + BLOCK
-                k_next = tl.load(k_rows + after[:, None] * sks, mask=(after < n_old)[:, None], other=0.0)
-                v_next = tl.load(v_rows + after[:, None] * svs, mask=(after < n_old)[:, None], other=0.0)
-            else:
-                k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0)
-                v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new)
+            m_i = tl.full((), -1e30, tl.float32)
             if LAZY:
-                acc_rows = acc_rows * alpha + p[:, None] * v.to(tl.float32)
-                l_rows = l_rows * alpha + p
+                l_rows = tl.zeros((BLOCK,), tl.float32)
+                acc_rows = tl.zeros((BLOCK, D), tl.float32)
             else:
-                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-        if LAZY:
-            acc = tl.sum(acc_rows, axis=0)
-            l_i = tl.sum(l_rows, axis=0)
+                l_i = tl.full((), 0.0, tl.float32)
+                acc = tl.zeros((D,), tl.float32)
+            if PREFETCH:
+                first = tl.arange(0, BLOCK)
+                k_next = tl.load(k_rows + first[:, None] * sks, mask=(first < n_old)[:, None], other=0.0)
+                v_next = tl.load(v_rows + first[:, None] * svs, mask=(first < n_old)[:, None], other=0.0)
+            for start in range(0, n_old, BLOCK):
+                n = start + tl.arange(0, BLOCK)
+                keep = n < n_old
+                if PREFETCH:
+                    k, v = k_next, v_next
+                    after = n + BLOCK
+                    k_next = tl.load(k_rows + after[:, None] * sks, mask=(after < n_old)[:, None], other=0.0)
+                    v_next = tl.load(v_rows + after[:, None] * svs, mask=(after < n_old)[:, None], other=0.0)
+                else:
+                    k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0)
+                    v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0)
+                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new)
+                if LAZY:
+                    acc_rows = acc_rows * alpha + p[:, None] * v.to(tl.float32)
+                    l_rows = l_rows * alpha + p
+                else:
+                    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+                    l_i = l_i * alpha + tl.sum(p, axis=0)
+                m_i = m_new
+            if LAZY:
+                acc = tl.sum(acc_rows, axis=0)
+                l_i = tl.sum(l_rows, axis=0)
         # the new row itself, when it is among the attended rows
         s_new = tl.where(w < attend, tl.sum(kn.to(tl.float32) * q, axis=0), float("-inf"))
         m_new = tl.maximum(m_i, s_new)
