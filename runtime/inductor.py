@@ -6,7 +6,8 @@ the compiled code into its own CUDA graphs per batch bucket and attend bucket: o
 serves every batch and context. Inductor fuses the element-wise work between the matrix products
 (LayerNorm, rotary, the per-head QKV split, cache writes, GELU, residual adds, the token decoder's
 attention over its few cached rows); matrix products stay cuBLAS, and attention over the block
-cache stays PyTorch's fused SDPA. Nothing here depends on the module types inside the step.
+cache stays PyTorch's fused SDPA (over an FP8 cache: `blockrt.runtime.fp8_kv`'s decode op). Nothing
+here depends on the module types inside the step.
 
 Compilation is handled like an engine build: Inductor's FX-graph and autotuning caches and
 Triton's kernels live on disk under `cache_dir()` (`$BLOCKRT_CACHE_DIR`, default
