@@ -68,6 +68,7 @@ class Engine(ABC):
         self.tokens_per_row = manifest.block_len if graph == "block_decoder" else 1
         self.spare_cache_rows = 0  # rows the runtime allocates beyond the cache length (never used)
         self.captures = 0  # CUDA graphs captured so far
+        self.stand_ins = 0  # calls that ran on a larger captured graph
 
     def new_rows(self, input_ids: torch.Tensor) -> int:
         """Cache rows one call adds per sequence: blocks for block_decoder, tokens otherwise."""

@@ -79,6 +79,7 @@ class StepTrace:
     prefills: int  # prefill calls they took
     moved: int  # rows moved by compaction
     graphs: int  # CUDA graphs captured so far (all engines)
+    stand_ins: int  # calls run on a larger captured graph so far (all engines)
 
 
 @dataclass
@@ -205,9 +206,10 @@ class Generator:
         while len(self.inflight) > PIPELINE_DEPTH or (self.inflight and not launched):
             events += self._collect(self.inflight.popleft())
         if self.trace is not None:
-            graphs = sum(e.captures for e in self.engines.values())
+            engines = self.engines.values()
             self.trace.append(StepTrace(start, after_launch, time.perf_counter(), self._waited, len(self.rows), joined,
-                                        prefills, moved, graphs))
+                                        prefills, moved, sum(e.captures for e in engines),
+                                        sum(e.stand_ins for e in engines)))
         return events
 
     def _compact(self) -> int:

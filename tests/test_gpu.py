@@ -11,6 +11,7 @@ from blockrt.exporter import build_model, get_preset, init_random
 from blockrt.exporter.generate import generate
 from blockrt.generation import GenerationConfig
 from blockrt.runtime import Model
+from blockrt.runtime.torch_engine import CAPTURE_AFTER_CALLS
 from bf16_check import assert_bf16_tokens_are_reference_top_choices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -95,6 +96,18 @@ def test_small_cache_attention_kernel_matches_batched_matmuls(dtype, new):
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_shapes_without_a_graph_run_padded_on_a_larger_one_with_the_reference_tokens():
+    model = _model("tiny_block")
+    config = GenerationConfig(max_new_tokens=160, ignore_eos=True)
+    runtime = Model.from_torch(model, dtype="fp32", max_batch=64, max_context=512, device="cuda")
+    runtime.generate([list(range(1, 1 + 5 * (i % 4 + 1))) for i in range(16)], config)  # graphs for 16 rows
+    captured = {name: e.captures for name, e in runtime.engines.items()}
+    out = runtime.generate(PROMPTS, config)  # 4 rows: the 8-row bucket runs on the 16-row graphs, then gets its own
+    assert [r.token_ids for r in out] == generate(model, PROMPTS, config).tokens
+    token_decoder = runtime.engines["token_decoder"]
+    assert token_decoder.stand_ins == CAPTURE_AFTER_CALLS and token_decoder.captures == captured["token_decoder"] + 1
 
 
 def test_cuda_graph_runtime_matches_reference_sampling_fp32():

@@ -15,6 +15,7 @@ from blockrt.exporter.generate import generate
 from blockrt.generation import GenerationConfig
 from blockrt.graphs.manifest import Manifest
 from blockrt.runtime import Model
+from blockrt.runtime.torch_engine import stand_in
 
 UNALIGNED = [[5, 6, 7, 8, 9]]  # 5 tokens: not a multiple of the block length
 RAGGED = [[3], list(range(1, 9)), list(range(20, 33))]  # 1, 8 and 13 tokens in one batch
@@ -126,6 +127,21 @@ def test_a_traced_generator_records_each_step_admissions_prefills_and_compaction
     assert [t.moved for t in trace if t.moved] == [1, 1]
     assert all(t.start <= t.launched <= t.end and t.waited == 0 for t in trace)  # CPU: nothing to wait for
     assert all(a.end <= b.start for a, b in zip(trace, trace[1:]))
+
+
+def test_a_shape_without_a_graph_stands_in_on_the_cheapest_larger_graph_of_the_same_cache():
+    def key(rows, attend, address=1000, width=4):
+        return ((torch.Size([rows, width]), torch.Size([rows])), attend, address)
+
+    captured = [key(64, 32), key(128, 16), key(256, 16), key(128, None), key(512, 64, address=2000),
+                key(1024, 64, width=8)]
+    assert stand_in(key(100, 16), captured) == key(128, 16)  # 128 x 16 rows beats 64 (too few rows) and 256 x 16
+    assert stand_in(key(100, 20), captured) == key(128, None)  # attending to more rows than asked is fine
+    assert stand_in(key(64, 16), captured) == key(64, 32)
+    assert stand_in(key(100, None), captured) == key(128, None)  # all rows: only a graph over all rows will do
+    assert stand_in(key(300, 16), captured) is None  # no graph has that many rows of this cache and width
+    mixed = ((torch.Size([8, 4]), torch.Size([16])), 16, 1000)  # inputs of different batch sizes: never padded
+    assert stand_in(mixed, captured) is None
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

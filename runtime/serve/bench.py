@@ -97,7 +97,8 @@ def step_summary(trace: dict, start: float, end: float, batch: int) -> dict:
     """Where one engine's time went between `start` and `end` (perf_counter), from a trace of
     `core.start_trace`: generator steps (each admits, launches a round and reads the previous one),
     the wait for the device within them, the host time between them (a server's engine loop:
-    commands and output), prefills, CUDA graph captures and garbage collections. `full_batch_*`:
+    commands and output), prefills, CUDA graph captures (and calls run on a larger graph instead) and
+    garbage collections. `full_batch_*`:
     steps with at least 95% of `batch` rows and no prefill, the steady state of a decode-bound run."""
     steps = [StepTrace(*row) for row in trace["steps"] if start <= row[0] <= end]
     if len(steps) < 2:
@@ -116,6 +117,7 @@ def step_summary(trace: dict, start: float, end: float, batch: int) -> dict:
             "between_steps_ms": ms([b.start - a.end for a, b in pairs]),
             "prefills": sum(t.prefills for t in steps), "joined": sum(t.joined for t in steps),
             "moved_rows": sum(t.moved for t in steps), "graphs_captured": steps[-1].graphs - steps[0].graphs,
+            "graph_stand_ins": steps[-1].stand_ins - steps[0].stand_ins,
             "gc_ms": 1e3 * sum(d for d, _ in gcs), "gc_full": sum(1 for _, g in gcs if g == 2),
             "gc_max_ms": 1e3 * max((d for d, _ in gcs), default=0.0)}
 
@@ -197,7 +199,7 @@ def format_serve(results: list[dict]) -> str:
                          f"{1e3 * x['tpot_s']['p50']:.2f}", f"{1e3 * x['tpot_s']['p99']:.2f}",
                          f"{1e3 * x['event_loop_lag_mean_s']:.2f}" if "event_loop_lag_mean_s" in x else ""])
     steps_head = ["streams", "run", "engine", "steps", "step ms", "full-batch step ms (n)", "host ms", "device wait ms",
-                  "between steps ms", "prefills (joined)", "graphs captured", "gc ms (full)"]
+                  "between steps ms", "prefills (joined)", "graphs captured (stand-ins)", "gc ms (full)"]
     steps_rows = []
     for r in results:
         for run in ("served", "offline"):
@@ -209,6 +211,6 @@ def format_serve(results: list[dict]) -> str:
                 steps_rows.append([f"{r['clients']}x{r['requests_per_client']}", run, str(i), str(e["steps"]),
                                    ms["step_ms"], f"{ms['full_batch_step_ms']} ({e['full_batch_steps']})", ms["host_ms"],
                                    ms["device_wait_ms"], ms["between_steps_ms"], f"{e['prefills']} ({e['joined']})",
-                                   str(e["graphs_captured"]), f"{e['gc_ms']:.1f} ({e['gc_full']})"])
+                                   f"{e['graphs_captured']} ({e['graph_stand_ins']})", f"{e['gc_ms']:.1f} ({e['gc_full']})"])
     return text_table(head, rows) + ("\n\nengine steps during the run:\n" + text_table(steps_head, steps_rows) if steps_rows else "")
 

@@ -1,6 +1,9 @@
 """A load generator for an OpenAI-style completions server on this machine: N concurrent clients,
 each sending M streaming completions one after another on its own keep-alive connection, spread
 over several client processes (uvloop when installed) so the client side is not what is measured.
+Every client connects first, and all start together once every process has connected (a client
+process that starts slowly would otherwise turn one burst into several: on an H100 host, 3 of 4
+processes started 2.4 s late behind a fixed 3.8 s allowance).
 Per request: latency, time to first token (TTFT) and time per output token (TPOT = (end - first
 token) / (tokens - 1)); per run: output tokens/s over the wall time from the first request sent to
 the last one done.
@@ -103,13 +106,17 @@ async def one_request(connection: Connection, body: dict) -> dict:
     return {"status": 200, "start": start, "end": end, "first": first or end, "tokens": tokens}
 
 
-async def _clients(url: str, load: Load, first_client: int, count: int, start_at: float) -> list[dict]:
-    """Connect every client first, then start them all at `start_at`: TTFT then measures the
-    server's handling of a burst of requests, not the kernel's queue of a burst of TCP handshakes."""
+async def _clients(url: str, load: Load, first_client: int, count: int, pipe) -> list[dict]:
+    """Connect every client first, say "ready" on `pipe`, then start them all at the moment the
+    parent sends (once every process is ready): TTFT then measures the server's handling of a burst
+    of requests, not the kernel's queue of a burst of TCP handshakes, and the burst is one burst
+    even when some client processes start slowly."""
     address = urlparse(url)
     results: list[dict] = []
     connections = [Connection(address.hostname, address.port or 80) for _ in range(count)]
     await asyncio.gather(*(c.connect() for c in connections))
+    pipe.send("ready")
+    start_at = pipe.recv()  # nothing else runs on this loop until then
     delay = start_at - time.perf_counter()  # every process starts its clients at the same moment
     if delay > 0:
         await asyncio.sleep(delay)
@@ -133,14 +140,14 @@ async def _clients(url: str, load: Load, first_client: int, count: int, start_at
     return results
 
 
-def _client_process(url: str, load: Load, first_client: int, count: int, start_at: float, out) -> None:
+def _client_process(url: str, load: Load, first_client: int, count: int, out) -> None:
     try:
         import uvloop
 
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    out.send(run(_clients(url, load, first_client, count, start_at)))
+    out.send(run(_clients(url, load, first_client, count, out)))
     out.close()
 
 
@@ -152,25 +159,33 @@ def run_load(url: str, load: Load, processes: int = 4) -> dict:
         raise ValueError(f"{url}: the load generator only targets a server on this machine ({', '.join(sorted(LOOPBACK))})")
     processes = max(1, min(processes, load.clients))
     context = multiprocessing.get_context("spawn")
-    start_at = time.perf_counter() + 3.0 + 0.2 * processes  # time for the processes to start and connect
     workers, pipes = [], []
     share, extra = divmod(load.clients, processes)
     first = 0
     for p in range(processes):
         count = share + (p < extra)
-        receive, send = context.Pipe(duplex=False)
-        worker = context.Process(target=_client_process, args=(url, load, first, count, start_at, send), daemon=True)
+        mine, theirs = context.Pipe()
+        worker = context.Process(target=_client_process, args=(url, load, first, count, theirs), daemon=True)
         worker.start()
-        send.close()
+        theirs.close()
         workers.append(worker)
-        pipes.append(receive)
+        pipes.append(mine)
         first += count
-    results = []
-    for receive, worker in zip(pipes, workers):
+
+    def receive(pipe, worker):
         try:
-            results += receive.recv()
+            return pipe.recv()
         except EOFError:
             raise RuntimeError(f"a load-generator process failed (exit code {worker.join(5) or worker.exitcode})") from None
+
+    for pipe, worker in zip(pipes, workers):  # every client connected
+        receive(pipe, worker)
+    start_at = time.perf_counter() + 0.05
+    for pipe in pipes:
+        pipe.send(start_at)
+    results = []
+    for pipe, worker in zip(pipes, workers):
+        results += receive(pipe, worker)
         worker.join()
     return summarize(results, load, url)
 
