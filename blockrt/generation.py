@@ -36,7 +36,7 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     pinned memory and is queued behind the GPU work already launched (a plain `torch.tensor(...,
     device="cuda")` waits for the GPU to drain first). Lists go through numpy, which converts
     nested Python lists several times faster than `torch.tensor` (a prefill's ids: 128 x 2048)."""
-    t = torch.from_numpy(np.array(values)).to(dtype) if len(values) else torch.tensor(values, dtype=dtype)
+    t = torch.from_numpy(np.asarray(values)).to(dtype) if len(values) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
@@ -119,19 +119,19 @@ def padded_len(prompt_len: int, block_len: int) -> int:
     return prompt_len + (-prompt_len % block_len)
 
 
-def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
-    """The prompt as a list of ints, or RequestError (field "prompt"): empty, not a flat list of
-    integers, or ids outside the vocabulary. Vectorised: prompts can be thousands of tokens (a list
-    is checked through `array` in C and returned as a copy: no numpy conversion either way)."""
-    as_list = isinstance(prompt, (list, tuple))
-    if as_list:
+def prompt_ids(prompt: Sequence[int], vocab_size: int) -> np.ndarray:
+    """The prompt as a checked int64 array, or RequestError (field "prompt"): empty, not a flat
+    list of integers, or ids outside the vocabulary. Every Python int is touched once (a list goes
+    through `array` in C, no numpy conversion); prompts can be thousands of tokens, and the runtime
+    builds its prefill ids from this array by copying memory."""
+    if isinstance(prompt, (list, tuple)):
         try:
             ids = np.frombuffer(array.array("q", prompt), dtype=np.int64)
         except (TypeError, OverflowError):
             raise RequestError(f"a prompt must be a flat list of integer token ids, got {str(prompt)[:60]}",
                                "prompt") from None
     else:
-        ids = np.asarray(prompt)
+        ids = np.array(prompt)  # a copy: the caller may change its own array later
     if ids.size == 0:
         raise RequestError("empty prompt: every prompt needs at least one token id", "prompt")
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
@@ -139,14 +139,20 @@ def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
     if ids.min() < 0 or ids.max() >= vocab_size:
         bad = ids[(ids < 0) | (ids >= vocab_size)][:5].tolist()
         raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab_size}): {bad}", "prompt")
-    return list(prompt) if as_list else ids.tolist()
+    return ids.astype(np.int64, copy=False)
 
 
-def check_request(prompt: Sequence[int], config: GenerationConfig, limits: RequestLimits) -> list[int]:
+def check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, checked by `prompt_ids`."""
+    ids = prompt_ids(prompt, vocab_size)
+    return list(prompt) if isinstance(prompt, (list, tuple)) else ids.tolist()
+
+
+def check_request(prompt: Sequence[int], config: GenerationConfig, limits: RequestLimits) -> np.ndarray:
     """The one check of a request (used by `Generator.add` and the server before it queues one):
-    returns the prompt as a list of ints, or raises RequestError naming the prompt or the field at
+    returns the prompt's ids (`prompt_ids`), or raises RequestError naming the prompt or the field at
     fault (ContextTooLong when prompt and max_new_tokens do not fit the context)."""
-    ids = check_prompt(prompt, limits.vocab_size)
+    ids = prompt_ids(prompt, limits.vocab_size)
     config.validate(limits.vocab_size)
     n = len(ids)
     padded = padded_len(n, limits.block_len)

@@ -57,7 +57,9 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, mask, cache: Cache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: Cache | None, layer: int, last_only: bool = False):
+        """-> [B, T, C], or [B, 1, C] for the last position only with `last_only` (the keys and
+        values of every position are still cached)."""
         B, T, C = x.shape
         # fused QKV is laid out per head: [B, T, H, 3 * D], not [B, T, 3, H, D]
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
@@ -70,7 +72,10 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # [B, H, S, D]
             y = self.attend(q, k, v, mask, scale)
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2)  # [B, T, H, D]
+        if last_only:
+            y, T = y[:, -1:], 1
+        return self.dense(y.reshape(B, T, C))
 
     def attend(self, q, k, v, mask, scale: float):
         compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # torch.compile, not ONNX export
@@ -102,8 +107,10 @@ class NeoXLayer(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        attn = self.attention(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, last_only: bool = False):
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask, cache, layer, last_only)
+        if last_only:
+            x = x[:, -1:]
         mlp = self.mlp(self.post_attention_layernorm(x))
         return mlp + attn + x  # parallel residual
 
@@ -119,11 +126,15 @@ class NeoXModel(nn.Module):
         self.layers = nn.ModuleList(NeoXLayer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, positions, mask=None, cache: Cache | None = None):
-        """x: [B, T, h] embeddings, positions: [B, T] -> [B, T, h] after the final LayerNorm."""
+    def forward(self, x, positions, mask=None, cache: Cache | None = None, last_only: bool = False):
+        """x: [B, T, h] embeddings, positions: [B, T] -> [B, T, h] after the final LayerNorm.
+        `last_only`: only the last position's output is wanted -> [B, 1, h]; the last layer then
+        computes the other positions' keys and values (for the cache) and nothing else for them
+        (its attention output projection and MLP run on one position instead of T)."""
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_base, x.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i, last_only and i == last)
         return self.final_layer_norm(x)
 
 
@@ -232,7 +243,7 @@ class BlockTransformer(nn.Module):
         1, which take the prefix), past_len [B] local slots already cached; `positions`: the
         rotary positions of those slots (`token_positions`)."""
         x, slots = self.token_decoder.embed(input_ids, prefix, past_len)
-        h = self.token_decoder.gpt_neox(x, token_positions(slots, positions), mask, cache)
+        h = self.token_decoder.gpt_neox(x, token_positions(slots, positions), mask, cache, last_only=True)
         return self.token_decoder.embed_out(h[:, -1])
 
 

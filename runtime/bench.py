@@ -13,13 +13,16 @@ Hugging Face transformers `generate` on the vanilla model's weights (`--against 
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import math
 import platform
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -76,6 +79,11 @@ class BenchResult:
     host_overhead: float | None = None  # share of wall time the GPU waited for the host
     steps: dict[str, StepStats] = field(default_factory=dict)
     workload: str = "custom"
+    after_profile: bool = False  # measured after a --profile run in this process (slower: see profile_kernels)
+    # blockrt runs, from the generator's step trace of the measured run (steps that admitted nothing):
+    step_host_ms: float | None = None  # median host time of a step outside device waits (launch + token reads)
+    step_wait_ms: float | None = None  # median time a step waited for the device (near 0: the GPU waited for the host)
+    graphs_captured: int | None = None  # CUDA graphs captured during the measured run (0 after a good warm-up)
 
 
 def environment() -> dict:
@@ -153,11 +161,18 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
     first = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     model.generate(prompts, full)  # warm-up: captures every CUDA graph the run needs, fills allocator pools
     ttft_s = _median_ttft(lambda: model.generate(prompts, first), device)
+    gen = model.generator()
+    gen.trace = collections.deque()
+    captured = sum(e.captures for e in model.engines.values())
     t0 = time.perf_counter()
-    with model.generator().record_timings() as timings:
-        outputs = model.generate(prompts, full)
-        _sync(device)
+    try:
+        with gen.record_timings() as timings:
+            outputs = model.generate(prompts, full)
+            _sync(device)
+    finally:
+        trace, gen.trace = list(gen.trace), None
     wall = time.perf_counter() - t0
+    captured = sum(e.captures for e in model.engines.values()) - captured
     assert all(len(o.token_ids) == gen_len for o in outputs), "a sequence stopped early with EOS ignored"
     steps, busy_ms = {}, 0.0
     for step, pairs in timings.items():
@@ -169,19 +184,38 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
     return BenchResult(name, engine, model.manifest.kind, model.manifest.dtype, batch, prompt_len, gen_len, wall,
                        ttft_s, 1e3 * max(wall - ttft_s, 0) / max(gen_len - 1, 1), batch * gen_len / wall,
                        batch * (prompt_len + gen_len) / wall, peak,
-                       host_overhead=max(0.0, 1 - busy_ms / 1e3 / wall) if timings else None, steps=steps)
+                       host_overhead=max(0.0, 1 - busy_ms / 1e3 / wall) if timings else None, steps=steps,
+                       graphs_captured=captured, **_step_summary(trace))
 
 
-def profile_kernels(model, batch: int, prompt_len: int, gen_len: int, rows: int = 30) -> str:
-    """The heaviest GPU kernels of a short generation, from torch.profiler (after a warm-up)."""
+def _step_summary(trace) -> dict:
+    """Host time and device wait of a median generator step that admitted nothing, from a
+    measured run's `Generator.trace`."""
+    steady = [t for t in trace if not t.joined]
+    if not steady:
+        return {}
+    return {"step_host_ms": 1e3 * statistics.median(t.end - t.start - t.waited for t in steady),
+            "step_wait_ms": 1e3 * statistics.median(t.waited for t in steady)}
+
+
+def profile_kernels(model, batch: int, prompt_len: int, gen_len: int, rows: int = 30, trace: Path | None = None) -> str:
+    """The heaviest GPU kernels of a short generation, from torch.profiler (after a warm-up);
+    `trace`: also save its timeline there (Chrome trace JSON, gzipped if the name ends in .gz: host
+    calls and GPU kernels, for Perfetto or chrome://tracing). The profiler stays attached to CUDA
+    after it stops (Kineto leaves CUPTI initialized: pytorch/pytorch#144455), which slowed every
+    later run of the process on an H100 (prefill-heavy host overhead 7.9% -> 23.7%), so `run_bench`
+    profiles after each measured run, and runs measured after a profile are marked."""
     from torch.profiler import ProfilerActivity, profile
 
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
     config = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
     model.generate(prompts, config)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=trace is not None) as prof:
         model.generate(prompts, config)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+        log.info("timeline saved to %s", trace)
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int, gen_len: int, hw: Hardware) -> None:
@@ -287,15 +321,16 @@ def auto_batch(model_bytes_free: int, row_bytes: int, limit: int) -> int:
 
 def format_table(results: list[BenchResult]) -> str:
     head = ["model", "engine", "dtype", "batch", "prompt", "gen", "TTFT s", "TPOT ms", "out tok/s", "total tok/s",
-            "peak GiB", "host ovh", "step GPU ms (floor %)"]
+            "peak GiB", "host ovh", "step host/wait ms", "step GPU ms (floor %)"]
     rows = []
     for r in results:
         steps = ", ".join(f"{k} {v.gpu_ms_median:.2f}" + (f" ({100 * v.floor_fraction:.0f}%)" if v.floor_fraction else "")
                           for k, v in r.steps.items())
-        rows.append([r.name, r.engine, r.dtype, str(r.batch), str(r.prompt_len), str(r.gen_len), f"{r.ttft_s:.3f}",
+        rows.append([r.name + (" (after profile)" if r.after_profile else ""), r.engine, r.dtype, str(r.batch), str(r.prompt_len), str(r.gen_len), f"{r.ttft_s:.3f}",
                      f"{r.tpot_ms:.2f}", f"{r.output_tok_s:,.0f}", f"{r.total_tok_s:,.0f}",
                      "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.1f}",
-                     "-" if r.host_overhead is None else f"{100 * r.host_overhead:.1f}%", steps or "-"])
+                     "-" if r.host_overhead is None else f"{100 * r.host_overhead:.1f}%",
+                     "-" if r.step_host_ms is None else f"{r.step_host_ms:.1f}/{r.step_wait_ms:.1f}", steps or "-"])
     return text_table(head, rows)
 
 
@@ -384,8 +419,6 @@ def _quantized(weights, quantize: str | None, kv_cache_dtype: str | None):
 
 def _artifact_weights(plan: _Plan, device: torch.device):
     """The reference model of a vanilla artifact, in its own dtype (for transformers)."""
-    from pathlib import Path
-
     from blockrt.exporter.checkpoint import load_checkpoint
     from blockrt.graphs.manifest import WEIGHTS_NAME
 
@@ -399,8 +432,6 @@ def _artifact_weights(plan: _Plan, device: torch.device):
 def plan_targets(targets: list[Target], batch_specs: list[str]) -> list[_Plan]:
     """Resolve every target (preset, artifact, hf) and parse its batch spec, so that a bad flag is
     refused before the first benchmark runs."""
-    from pathlib import Path
-
     from blockrt.exporter import PRESETS
 
     plans = []
@@ -498,12 +529,14 @@ def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool =
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
               device: str | None = None, profile: bool = False, compile: bool = False, quantize: str | None = None,
-              kv_cache_dtype: str | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
+              kv_cache_dtype: str | None = None, trace_dir: Path | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
     in this process; the first target is compared with each of the others. Every flag is checked
     and every workload fitted to the artifacts' context before the first run. `compile`: PyTorch
     engines run compiled decode steps (see `Model.load`). `quantize` / `kv_cache_dtype` apply to
-    the first target, a preset (quantized in memory, default calibration)."""
+    the first target, a preset (quantized in memory, default calibration). `profile`: log the heaviest
+    kernels of a short run of each blockrt model first; `trace_dir`: also save that run's timeline
+    there, one file per model, workload and batch (implies `profile`)."""
     plans = plan_targets(targets, batch_specs)
     workloads = fit_workloads(workloads, plans)
     if (quantize or kv_cache_dtype) and plans[0].preset is None:
@@ -513,6 +546,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
     hw = measure_hardware(dev)
     log.info("hardware: %s", hw.describe())
     results: list[BenchResult] = []
+    profiled = False  # a profile ran in this process: later measurements are slowed
     by_target: list[dict[str, BenchResult]] = []
     for plan in plans:
         target = plan.target
@@ -540,14 +574,21 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                 try:
                     if target.is_hf:
                         r = bench_hf(weights, batch, prompt_len, gen_len, hf_dtype, str(dev))
+                        r.after_profile = profiled
                     else:
                         model = _open(plan, weights, dtype, dev, batch, workloads, compile, kv)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
                         label += "".join(f" {k} {v}" for k, v in (("quantized", quant), ("kv cache", kv)) if v)
-                        if profile:
-                            log.info("kernel profile of %s, batch %d:\n%s", label, batch,
-                                     profile_kernels(model, batch, prompt_len, min(gen_len, 16)))
                         r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{model.backend}")
+                        r.after_profile = profiled
+                        if profile or trace_dir is not None:  # after the measured run: see profile_kernels
+                            if not profiled and dev.type == "cuda":
+                                log.warning("profiling now; runs measured after this one are slowed by the profiler, "
+                                            "which stays attached to CUDA (marked 'after profile')")
+                            profiled = dev.type == "cuda"
+                            trace = None if trace_dir is None else trace_dir / _trace_name(label, name, batch)
+                            log.info("kernel profile of %s, batch %d:\n%s", label, batch,
+                                     profile_kernels(model, batch, prompt_len, min(gen_len, 16), trace=trace))
                 except torch.OutOfMemoryError:
                     log.warning("%s: batch %d does not fit in GPU memory, skipped", target.spec, batch)
                     continue
@@ -575,6 +616,11 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                                "output_tok_s_ratio": mine.output_tok_s / other[name].output_tok_s,
                                "ttft_ratio": other[name].ttft_s / mine.ttft_s})
     return results, hw, ratios
+
+
+def _trace_name(label: str, workload: str, batch: int) -> str:
+    """A file name for a profiled run's timeline: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label}_{workload}_b{batch}").strip("_") + ".trace.json.gz"
 
 
 def _hf_row_bytes(weights, context: int, dtype: str) -> int:

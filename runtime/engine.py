@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from blockrt.backends import BACKENDS
@@ -39,13 +41,17 @@ SPEC_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
                 "float8e4m3fn": torch.float8_e4m3fn}
 
 
-def prefill_inputs(prompts: list[list[int]], block_len: int, pad_token_id: int) -> tuple[list[list[int]], list[int]]:
-    """The prefill step's `input_ids` rows and `new_len` of ragged prompts: each prompt left-padded
-    with the pad id to a multiple of `block_len` (1 for vanilla models; docs/model.md), then all
-    right-padded to the longest; `new_len` counts each prompt's blocks (tokens)."""
-    padded = [[pad_token_id] * (-len(p) % block_len) + list(p) for p in prompts]
-    width = max(len(p) for p in padded)
-    return [p + [pad_token_id] * (width - len(p)) for p in padded], [len(p) // block_len for p in padded]
+def prefill_inputs(prompts: Sequence[Sequence[int]], block_len: int, pad_token_id: int) -> tuple[np.ndarray, list[int]]:
+    """The prefill step's `input_ids` rows [n, width] (int64) and `new_len` of ragged prompts: each
+    prompt left-padded with the pad id to a multiple of `block_len` (1 for vanilla models;
+    docs/model.md), then all right-padded to the longest; `new_len` counts each prompt's blocks
+    (tokens). Prompts given as int64 arrays (`Generator` requests) are copied as memory."""
+    units = [-(-len(p) // block_len) for p in prompts]
+    ids = np.full((len(prompts), max(units) * block_len), pad_token_id, dtype=np.int64)
+    for row, (p, n) in enumerate(zip(prompts, units)):
+        start = n * block_len - len(p)
+        ids[row, start:start + len(p)] = p
+    return ids, units
 
 
 def local_position(k: int) -> int:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from blockrt.exporter.config import TORCH_DTYPES
@@ -39,13 +40,14 @@ VANILLA_ROUND = 8  # decode steps per round of a vanilla model
 PIPELINE_DEPTH = 1  # rounds launched ahead of the one the host reads
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared and hashed by identity (its prompt is an array)
 class Request:
     """One sequence: its prompt, parameters, output so far and timing (host clock, seconds)."""
 
     id: int
-    prompt: list[int]  # as given (before block padding)
+    prompt: np.ndarray  # int64 ids as given (before block padding), checked
     config: GenerationConfig
+    stops: frozenset[int] = frozenset()  # ids that end it (stop ids and EOS unless ignored)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     submitted_at: float = 0.0
@@ -146,7 +148,8 @@ class Generator:
         """Queue a sequence; it joins at the next round. A request that `check_request` refuses
         raises RequestError (a UserError naming the field) and changes nothing."""
         ids = check_request(prompt, config, self.limits)
-        request = Request(next(self._ids), ids, config, submitted_at=time.perf_counter())
+        request = Request(next(self._ids), ids, config, frozenset(config.stop_ids(self.config.eos_token_id)),
+                          submitted_at=time.perf_counter())
         self.queue.append(request)
         return request
 
@@ -232,6 +235,16 @@ class Generator:
         del self.rows[n:], self.row_past[n:], self.row_launched[n:]
         return len(tail)
 
+    def admit(self) -> tuple[int, int]:
+        """Free the rows of finished sequences, give queued ones rows and launch their prefills
+        (in groups of at most `prefill_budget` prompt positions, so activations stay bounded);
+        (requests admitted, prefill calls). `step` does this first; a caller still checking more
+        requests calls it to overlap that host work with the GPU's prefills (`Model.generate`
+        does, once a group's worth is queued; those admissions happen outside any step, so `trace`
+        does not show them)."""
+        self._compact()
+        return self._admit()
+
     def _admit(self) -> tuple[int, int]:
         """Give waiting requests rows and prefill them; (requests admitted, prefill calls)."""
         joining: list[Request] = []
@@ -239,7 +252,6 @@ class Generator:
             request = self.queue.popleft()
             if not request.finished:
                 joining.append(request)
-        # prefill in groups of rows, so activations stay bounded for long prompts and big batches
         group: list[Request] = []
         longest = prefills = 0
         for request in joining:
@@ -258,7 +270,7 @@ class Generator:
         start, k = len(self.rows), len(joining)
         rows = list(range(start, start + k))
         padded, units = prefill_inputs([r.prompt for r in joining], self.L, self.config.pad_token_id)
-        ids = to_device(padded, torch.long, self.device)
+        ids = to_device(padded, torch.long, self.device)  # [k, width] int64, built by copying memory
         new_len = to_device(units, torch.long, self.device)
         zero = torch.zeros(k, dtype=torch.long, device=self.device)
         self.sampling.assign(rows, [r.config for r in joining], [r.prompt for r in joining], self.config.eos_token_id)
@@ -353,21 +365,16 @@ class Generator:
             self._waited += time.perf_counter() - waiting
         now = time.perf_counter()
         events = []
-        eos = self.config.eos_token_id
         for request, row_tokens in zip(round_.rows, round_.tokens.tolist()):
             if request.finished:
                 continue
-            stops = request.config.stop_ids(eos)
-            new = []
-            for t in row_tokens:
-                new.append(t)
-                request.tokens.append(t)
-                if t in stops:
-                    request.finish_reason = "stop"
-                    break
-                if len(request.tokens) >= request.config.max_new_tokens:
-                    request.finish_reason = "length"
-                    break
+            new = row_tokens[: request.config.max_new_tokens - len(request.tokens)]
+            if request.stops and not request.stops.isdisjoint(new):
+                new = new[: next(i for i, t in enumerate(new) if t in request.stops) + 1]
+                request.finish_reason = "stop"
+            elif len(request.tokens) + len(new) >= request.config.max_new_tokens:
+                request.finish_reason = "length"
+            request.tokens += new
             if request.first_token_at is None and new:
                 request.first_token_at = now
             if request.finished:

@@ -152,10 +152,15 @@ class Model:
         if gen.has_work:
             raise UserError("this model is busy with another generate/stream call; finish it first "
                             "(or use model.generator() directly for concurrent requests)")
-        requests = []
+        requests, queued = [], 0  # prompt positions queued since the last admission
         try:
-            for i, (ids, c) in enumerate(zip(batch, configs)):
+            for i, (prompt, c) in enumerate(zip(batch, configs)):
+                batch[i] = ids = list(prompt)  # the result's copy
                 requests.append(gen.add(ids, c))
+                queued += -(-len(ids) // gen.L)
+                if queued >= gen.prefill_budget:  # a prefill group's worth: the GPU runs it while the
+                    gen.admit()  # host checks the next prompts (a refused prompt still undoes them all)
+                    queued = 0
         except UserError as e:
             for r in requests:
                 gen.cancel(r)
@@ -163,12 +168,12 @@ class Model:
             raise UserError(f"prompt {i}: {e}") from None
         return requests, batch
 
-    def _normalize(self, prompts) -> list[list[int]]:
+    def _normalize(self, prompts) -> list[Sequence[int]]:
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise UserError("no prompts given: pass a prompt (text or token ids) or a list of prompts")
-        return [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return [self.encode(p) if isinstance(p, str) else p for p in prompts]  # copied while submitted
 
     def _result(self, r: Request, prompt: list[int]) -> GenerationResult:
         ttft = None if r.first_token_at is None else r.first_token_at - r.submitted_at

@@ -5,7 +5,8 @@ shape into CUDA graphs and replayed, which removes the per-kernel launch cost of
 shape that has no graph yet first runs on a larger captured one, padded (`stand_in`), and gets its
 own graph once it persists (`CAPTURE_AFTER_CALLS`).
 Attention reads only the cache rows any sequence can see (`attend_len`, rounded up to a bucket of
-64 tokens, i.e. 64 / L blocks, so the number of captured graphs stays small). With `compile=True`
+`ATTEND_BLOCKS` blocks for the block decoder and `ATTEND_TOKENS` tokens for a vanilla decoder, so
+the number of captured graphs stays small). With `compile=True`
 (opt-in, experimental) what the graphs capture is the step compiled by TorchInductor
 (`blockrt.runtime.inductor`); prefills always run eagerly.
 """
@@ -29,6 +30,13 @@ from .quant_kernels import prepare_quantized
 from .small_attention import small_cache_attention
 
 log = logging.getLogger(__name__)
+
+# Attend buckets (cache rows). Each captured graph keeps its own output: [n, 2, h] prefix vectors for
+# the block decoder (10 MB at batch 1216), so its buckets are finer (8 blocks = 32 tokens: a step
+# reads 3.5 blocks of padding on average instead of 7.5 with 16); [n, vocab] fp32 logits for a
+# vanilla decoder (~100 MB each at its batch), so it keeps 64 tokens.
+ATTEND_BLOCKS = 8
+ATTEND_TOKENS = 64
 
 
 # A decode shape without a graph of its own first runs on a larger captured one (`stand_in`); it is
@@ -146,12 +154,11 @@ class TorchEngine(Engine):
 
 
 def load_torch_engines(manifest: Manifest, directory, device: torch.device, model: torch.nn.Module | None = None,
-                       cuda_graphs: bool = True, compile: bool = False, attend_tokens: int = 64) -> dict[str, TorchEngine]:
+                       cuda_graphs: bool = True, compile: bool = False) -> dict[str, TorchEngine]:
     """Engines for every graph of the artifact, from its saved weights, or from the tensors of a
     given model (which is not changed; see `_own_model`). `compile`: run decode steps compiled by
     TorchInductor inside the CUDA graphs (CUDA only; elsewhere, or without CUDA graphs, the steps run
-    eagerly and the reason is logged). `attend_tokens`: the attended cache length is rounded up to
-    this many tokens."""
+    eagerly and the reason is logged)."""
     if model is None:
         from blockrt.exporter.checkpoint import load_checkpoint
 
@@ -179,7 +186,7 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     engines = {}
     for name, step in steps.items():
-        rows = max(1, attend_tokens // manifest.block_len) if name == "block_decoder" else attend_tokens
+        rows = ATTEND_BLOCKS if name == "block_decoder" else ATTEND_TOKENS
         compiled = None
         if compile:
             compiled = CompiledStep(step, name, symbolic_cache_len=name != "token_decoder")

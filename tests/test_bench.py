@@ -164,6 +164,8 @@ def test_bench_json_has_one_result_per_model_and_batch_with_consistent_metrics(b
         assert r["total_tok_s"] == pytest.approx(r["batch"] * (r["prompt_len"] + r["gen_len"]) / r["wall_s"])
         assert r["tpot_ms"] == pytest.approx(1e3 * max(r["wall_s"] - r["ttft_s"], 0) / (r["gen_len"] - 1))
         assert r["peak_mem_gib"] is None and r["steps"] == {}  # CPU: no CUDA memory stats or events
+    for r in data["results"]:  # the generator's step trace: host time per step, no device to wait for, no graphs
+        assert r["step_host_ms"] > 0 and r["step_wait_ms"] == 0 and r["graphs_captured"] == 0
 
 
 def test_bench_labels_the_engine_that_ran_not_the_flag_that_presets_ignore(bench_json):
@@ -191,3 +193,15 @@ def test_bench_of_an_artifact_prints_a_table_naming_its_engine(exported, blockrt
     assert header[:6] == ["model", "engine", "dtype", "batch", "prompt", "gen"]
     [row] = [[c.strip() for c in line.split("|")] for line in lines[at + 2:] if "|" in line]
     assert row[0].startswith(str(artifact)) and row[1:6] == ["blockrt-onnxruntime", "fp32", "2", "6", "9"]
+
+
+def test_trace_saves_a_timeline_of_the_profiled_run_per_model(blockrt_cli, tmp_path):
+    import gzip
+
+    code, _, err = blockrt_cli("-q", "bench", "tiny_block", *TINY, "--batch", "2", "--against", "tiny_vanilla",
+                               "--trace-dir", str(tmp_path / "traces"))
+    assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "traces").iterdir())
+    assert files == ["tiny_block_custom_b2.trace.json.gz", "tiny_vanilla_custom_b2.trace.json.gz"]
+    events = json.loads(gzip.decompress((tmp_path / "traces" / files[0]).read_bytes()))["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)  # host calls of the profiled generation

@@ -144,6 +144,26 @@ def test_a_shape_without_a_graph_stands_in_on_the_cheapest_larger_graph_of_the_s
     assert stand_in(mixed, captured) is None
 
 
+def test_prefills_start_while_later_prompts_are_checked_and_a_late_bad_prompt_undoes_them(exported):
+    artifact = exported("tiny_block")
+    model = Model.load(artifact, backend="torch", max_batch=4)
+    gen = model.generator()
+    gen.prefill_budget = 4  # prompt blocks per prefill group: two of these prompts
+    rows_seen, add = [], gen.add
+    gen.add = lambda prompt, config: (rows_seen.append(gen.running), add(prompt, config))[1]
+    prompts = [list(range(1 + i, 9 + i)) for i in range(4)]  # 2 blocks each
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    expected = reference_tokens(artifact, prompts, config)
+    for _ in range(2):  # the second call first frees the rows the first one finished
+        rows_seen.clear()
+        assert [r.token_ids for r in model.generate(prompts, config)] == expected
+        assert rows_seen == [0, 0, 2, 2]  # the first pair was prefilled before the second pair was checked
+    with pytest.raises(UserError, match="prompt 2: .*outside the vocabulary"):
+        model.generate(prompts[:2] + [[1, 512]], config)
+    assert not gen.has_work and gen.rows == []
+    assert [r.token_ids for r in model.generate(prompts, config)] == expected
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_sequences_that_stop_early_leave_the_batch_without_disturbing_the_others(exported, backend):
     artifact = exported("tiny_block")

@@ -65,7 +65,8 @@ log = logging.getLogger("blockrt.bench")
               help="--serve: shorthand for --devices cuda:0,...,cuda:N-1.")
 @click.option("--trace-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="--serve: keep each engine's raw step trace of each run there (engine-N-STREAMS.json; the "
-              "results always hold their summary).")
+              "results always hold their summary). Otherwise: save the timeline of --profile's short run (implied) "
+              "there, one gzipped Chrome trace per model, workload and batch (host calls and GPU kernels; Perfetto).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also save the JSON results here.")
 def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against, against_batch, quantize, kv_cache_dtype,
@@ -112,8 +113,10 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
         raise click.BadParameter("more --against-batch values than --against models", param_hint="--against-batch")
     targets = [Target(model, backend)] + [Target(a, backend) for a in against]
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
     results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps, quantize,
-                                    kv_cache_dtype)
+                                    kv_cache_dtype, trace_dir)
     if _saved(to_json(results, hw, ratios), out, as_json):
         return
     click.echo(hw.describe())
