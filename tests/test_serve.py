@@ -577,6 +577,11 @@ def test_http_workers_return_offline_tokens_and_report_at_shutdown(reference):
 
         with ThreadPoolExecutor(12) as pool:
             assert list(pool.map(one, range(12))) == want
+        for _ in range(6):  # new connections, taken by either worker: each answers for both
+            with httpx.Client(base_url=workers.url, timeout=60) as c:
+                assert metric(c, "blockrt_requests_total", status=200, finish_reason="length") == 12
+                assert metric(c, "blockrt_generated_tokens_total", engine=0) == 12 * 20
+                assert metric(c, "blockrt_running_requests", engine=0) == 0
     assert len(workers.loop_lag) == 2  # both workers shut down cleanly and reported
 
 

@@ -26,11 +26,13 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -45,7 +47,7 @@ from blockrt.errors import UserError
 from blockrt.generation import GenerationConfig
 
 from .core import ModelSpec, Update
-from .metrics import Metrics
+from .metrics import SHARED_DIR_ENV, Metrics
 from .scheduler import EngineGroup, InvalidRequest, Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -699,8 +701,8 @@ class Workers:
     listening socket (the kernel hands each new connection to one of them); every worker runs the
     whole app (parsing, routing to the least-loaded engine, streaming) and talks to every engine
     over a pipe of its own, so the per-request and per-token work of the HTTP side is spread over
-    `count` processes instead of one event loop. /metrics and /health answer for the worker that
-    takes the request."""
+    `count` processes instead of one event loop. /metrics answers for all workers (their values
+    added up through a shared directory: metrics.py); /health for the worker that takes the request."""
 
     def __init__(self, specs: Sequence[ModelSpec], count: int, host: str = "127.0.0.1", port: int = 0,
                  max_queue: int = 256, model_name: str | None = None, limits: HTTPLimits | None = None,
@@ -715,6 +717,7 @@ class Workers:
         self._status: list = []
         self._ready: list[bool] = []
         self.loop_lag: list[tuple[float, float]] = []  # (sum, count) of each worker's event-loop lag samples
+        self._metrics_dir: str | None = None  # the workers' shared metrics (metrics.SHARED_DIR_ENV)
 
     @property
     def url(self) -> str:
@@ -754,12 +757,14 @@ class Workers:
             sock.bind((self.host, self.port))
             sock.listen(BACKLOG)
             self.port = sock.getsockname()[1]
+            self._metrics_dir = tempfile.mkdtemp(prefix="blockrt-metrics-")
             for w in range(self.count):
                 status, child = context.Pipe()
                 links = [(ends[w], info) for ends, info in zip(pipes, infos)]
                 args = (links, w, self.count, sock, self.max_queue, self.model_name, self.limits, self.log_level, child)
                 worker = context.Process(target=_http_worker, args=args, name=f"blockrt-http-{w}")
-                worker.start()
+                with _environment(SHARED_DIR_ENV, self._metrics_dir):  # the workers' metrics add up (metrics.py)
+                    worker.start()
                 child.close()
                 self.workers.append(worker)
                 self._status.append(status)
@@ -796,6 +801,9 @@ class Workers:
                 engine.kill()
                 engine.join()
         self.workers, self._status, self._ready, self.engines = [], [], [], []
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
 
     def run(self) -> None:
         """Start, serve in the foreground until SIGTERM or SIGINT (passed on to the workers, which
@@ -832,6 +840,20 @@ class Workers:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def _environment(name: str, value: str):
+    """`name=value` in this process's environment within the block (what a process spawned there inherits)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _close(pipes: list[list]) -> None:
