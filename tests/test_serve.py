@@ -733,3 +733,70 @@ def test_bench_serve_measures_the_server_and_the_offline_engine_on_the_same_work
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["engine-0-2.json", "offline-0-2.json"]
     steps = json.loads((tmp_path / "traces" / "offline-0-2.json").read_text())["steps"]
     assert len(steps) == off["steps"] and sum(step[5] for step in steps) == 4  # StepTrace.joined
+
+
+
+class _FakeHandle:
+    """A stand-in for one front end's Scheduler of one engine, for EngineGroup's routing tests
+    (our plumbing only): it counts that front end's jobs (`load`, as a Scheduler does), refuses
+    one when its engine is full, and reports finished jobs through `on_release`."""
+
+    def __init__(self, engine: list):
+        self.engine, self.jobs, self.alive, self.on_release = engine, [], True, None  # engine: [rows, open jobs]
+
+    @property
+    def load(self) -> int:
+        return len(self.jobs)
+
+    def submit(self, prompt, config, deliver):
+        from blockrt.runtime.serve.scheduler import Job, QueueFull
+        if self.engine[1] >= self.engine[0]:
+            raise QueueFull(0, 0)
+        self.engine[1] += 1
+        self.jobs.append(Job(len(self.jobs), deliver, self, 0.0))
+        return self.jobs[-1]
+
+    def finish(self, count: int) -> None:
+        del self.jobs[:count]
+        self.engine[1] -= count
+        self.on_release(count)
+
+
+def _front_ends(rows: list[int], shared=None):
+    """Two front ends on engines of `rows` rows: their EngineGroups and the engines' [rows, open]."""
+    from blockrt.runtime.serve.scheduler import EngineGroup, SharedLoad
+    engines = [[r, 0] for r in rows]
+    groups = [EngineGroup([_FakeHandle(e) for e in engines], shared and SharedLoad(shared, w, len(rows)))
+              for w in range(2)]
+    return groups, engines
+
+
+def test_http_workers_route_by_the_open_jobs_of_all_workers():
+    """Each front end (HTTP worker) counting only its own jobs sends its odd job to the same
+    engine, so at exactly full batch one engine gets a job more than it has rows and that job
+    waits a whole wave; with the shared table the engines' totals stay even, releases are counted
+    back, and a job that finds its engine full goes to the next one."""
+    import multiprocessing
+
+    from blockrt.runtime.serve.scheduler import SharedLoad
+
+    groups, engines = _front_ends([10, 10])
+    for group in groups:  # three jobs each: each front end alone puts two on engine 0
+        for _ in range(3):
+            group.submit([1], None, None)
+    assert [e[1] for e in engines] == [4, 2]  # what routing by one's own jobs does
+
+    table = SharedLoad.create(multiprocessing.get_context("spawn"), 2, 2)
+    groups, engines = _front_ends([10, 10], table)
+    for group in groups:
+        for _ in range(3):
+            group.submit([1], None, None)
+    assert [e[1] for e in engines] == [3, 3]
+    assert list(table) == [2, 1, 1, 2]  # open jobs per (front end, engine)
+    groups[0].schedulers[0].finish(2)  # front end 0's two jobs on engine 0 end
+    assert groups[1].shared.totals() == [1, 3]
+    groups[1].submit([1], None, None)  # front end 1 has more on engine 0 itself, but engine 0 has the fewest
+    assert list(table) == [0, 1, 2, 2]
+    engines[0][0] = 0  # engine 0 refuses (its queue is full): the job goes to engine 1 and is counted there
+    groups[1].submit([1], None, None)
+    assert list(table) == [0, 1, 2, 3] and [e[1] for e in engines] == [2, 4]

@@ -48,7 +48,7 @@ from blockrt.generation import GenerationConfig
 
 from .core import ModelSpec, Update
 from .metrics import SHARED_DIR_ENV, Metrics
-from .scheduler import EngineGroup, InvalidRequest, Job, QueueFull, Scheduler, ShuttingDown
+from .scheduler import EngineGroup, InvalidRequest, Job, QueueFull, Scheduler, SharedLoad, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -277,17 +277,19 @@ class _State:
         self.loop.call_later(timeout, fail_the_rest)
 
 
-def create_app(source, max_queue: int = 256, model_name: str | None = None, limits: HTTPLimits | None = None) -> FastAPI:
+def create_app(source, max_queue: int = 256, model_name: str | None = None, limits: HTTPLimits | None = None,
+               shared_load: SharedLoad | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `source`: a blockrt.runtime.Model (an engine thread in this
     process), one or more `ModelSpec`s (one engine process each, e.g. one per GPU), or `Scheduler`s
     attached to engine processes started elsewhere (an HTTP worker of `Workers`; the app gives them
-    its metrics). Engines start when the app starts (lifespan) and stop at shutdown."""
+    its metrics, and routes by the load all workers share in `shared_load`). Engines start when the
+    app starts (lifespan) and stop at shutdown."""
     metrics = Metrics()
     limits = limits or HTTPLimits()
     if isinstance(source, Sequence) and source and all(isinstance(s, Scheduler) for s in source):
         for scheduler in source:
             scheduler.metrics = metrics
-        engines = EngineGroup(list(source))
+        engines = EngineGroup(list(source), shared_load)
         tokenizer = None
     elif isinstance(source, (ModelSpec, Sequence)):
         specs = [source] if isinstance(source, ModelSpec) else list(source)
@@ -758,10 +760,12 @@ class Workers:
             sock.listen(BACKLOG)
             self.port = sock.getsockname()[1]
             self._metrics_dir = tempfile.mkdtemp(prefix="blockrt-metrics-")
+            load_table = SharedLoad.create(context, self.count, len(self.specs))
             for w in range(self.count):
                 status, child = context.Pipe()
                 links = [(ends[w], info) for ends, info in zip(pipes, infos)]
-                args = (links, w, self.count, sock, self.max_queue, self.model_name, self.limits, self.log_level, child)
+                args = (links, w, self.count, sock, self.max_queue, self.model_name, self.limits, self.log_level, child,
+                        load_table)
                 worker = context.Process(target=_http_worker, args=args, name=f"blockrt-http-{w}")
                 with _environment(SHARED_DIR_ENV, self._metrics_dir):  # the workers' metrics add up (metrics.py)
                     worker.start()
@@ -871,16 +875,18 @@ def _receive(connection, timeout: float):
 
 
 def _http_worker(links, front_end: int, front_ends: int, sock, max_queue: int, model_name: str | None,
-                 limits: HTTPLimits, log_level: str, status) -> None:
+                 limits: HTTPLimits, log_level: str, status, load_table) -> None:
     """An HTTP worker process of `Workers`: the app on the engines of `links` ((pipe, ModelInfo) per
-    engine), accepting on the shared socket; says "ready" once it accepts, and at the end sends its
+    engine), accepting on the shared socket and routing by the open jobs of all workers
+    (`load_table`, see SharedLoad); says "ready" once it accepts, and at the end sends its
     event-loop lag (sum, count)."""
     os.setpgid(0, 0)  # signals come from the server process, which forwards its own
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     schedulers = [Scheduler.attach(connection, info, front_end, front_ends, max_queue, name=str(i))
                   for i, (connection, info) in enumerate(links)]
-    app = create_app(schedulers, max_queue=max_queue, model_name=model_name, limits=limits)
+    shared = SharedLoad(load_table, front_end, len(links))
+    app = create_app(schedulers, max_queue=max_queue, model_name=model_name, limits=limits, shared_load=shared)
     server = _uvicorn(app, "", 0, log_level)
 
     def ready() -> None:
