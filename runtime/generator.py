@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import itertools
 import math
 import time
@@ -89,6 +90,26 @@ class _Round:
     event: object  # torch.cuda.Event or None on CPU
     tokens: torch.Tensor  # host copy [n, K]
     rows: list[Request]
+
+
+@contextlib.contextmanager
+def collector_off_the_heap() -> Iterator[None]:
+    """Within the block, keep Python's cyclic garbage collector off every object that existed when
+    it began (the model, compiled code, the caller's data): `gc.freeze()`, undone at the end, so a
+    full collection during generation walks only what generation allocated. A full collection of
+    the whole heap stalls the host loop while the GPU finishes its round and then idles: the offline
+    engine spent 1.1 s of a 15 s run in garbage collection (4 full collections; H200,
+    block_main_b4_1.2b bf16, 1024 x 2 requests of 1024 tokens). Nothing is lost: unfrozen
+    afterwards, the old objects are collected as before. Where the heap is frozen already (an
+    engine process of `blockrt serve` freezes it for good once its model is loaded), nothing changes."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _batch_bucket(n: int, capacity: int) -> int:

@@ -28,7 +28,7 @@ from blockrt.graphs.manifest import FileEntry, GraphEntry, Limits, Manifest
 from blockrt.tokenizer import load_tokenizer
 
 from .engine import check_backend, load_engines, pick_backend
-from .generator import Generator, Request
+from .generator import Generator, Request, collector_off_the_heap
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ class Model:
         requests, ids = self._submit(prompts, config)
         try:
             gen = self.generator()
-            while gen.has_work:
-                gen.step()
+            with collector_off_the_heap():
+                while gen.has_work:
+                    gen.step()
         except BaseException:
             self.generator().reset()
             raise
@@ -131,10 +132,12 @@ class Model:
         index = {r.id: i for i, r in enumerate(requests)}
         gen = self.generator()
         try:
-            while gen.has_work:
-                for event in gen.step():
-                    text = self.decode(event.tokens) if self.tokenizer else None
-                    yield StreamChunk(index[event.request.id], event.tokens, text, event.finished, event.request.finish_reason)
+            with collector_off_the_heap():
+                while gen.has_work:
+                    for event in gen.step():
+                        text = self.decode(event.tokens) if self.tokenizer else None
+                        yield StreamChunk(index[event.request.id], event.tokens, text, event.finished,
+                                          event.request.finish_reason)
         except BaseException:
             gen.reset()
             raise

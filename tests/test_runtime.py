@@ -100,6 +100,27 @@ def test_stream_yields_exactly_the_tokens_of_generate(exported, preset):
     assert sorted(finished) == [0, 1, 2]
 
 
+
+def test_generation_keeps_the_collector_off_the_heap_it_started_with_and_gives_it_back(exported):
+    """generate/stream freeze the objects that existed before them (gc.freeze), so a full collection
+    during generation does not walk the model; afterwards the heap is as before; a heap frozen by
+    someone else (a server's engine process) stays frozen."""
+    import gc
+
+    model = Model.load(exported("tiny_block"), backend="torch")
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    assert gc.get_freeze_count() == 0
+    during = [gc.get_freeze_count() for _ in model.stream(RAGGED, config)]
+    assert during and min(during) > 0 and gc.get_freeze_count() == 0
+    model.generate(RAGGED, config)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        model.generate(RAGGED, config)
+        assert gc.get_freeze_count() > 0  # not unfrozen (objects freed meanwhile leave the count)
+    finally:
+        gc.unfreeze()
+
 def test_more_prompts_than_rows_queue_and_each_gets_its_own_tokens(exported):
     artifact = exported("tiny_block")
     model = Model.load(artifact, backend="torch", max_batch=2)
