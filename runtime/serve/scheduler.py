@@ -13,6 +13,7 @@ front end passes a `dispatch` that hops to its loop once per round instead of on
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -432,26 +433,20 @@ class EngineGroup:
         check_for_api(self.info, prompt, config)
 
     def submit(self, prompt: list[int], config: GenerationConfig, deliver: Callable[[Update], None]) -> Job:
-        if self.shared is None:
-            return self._submit_in_order(sorted((s for s in self.schedulers if s.alive), key=lambda s: s.load),
-                                         prompt, config, deliver)
-        with self.shared.table.get_lock():  # choose and count in one step (see SharedLoad)
-            totals = self.shared.totals()
-            order = sorted((i for i, s in enumerate(self.schedulers) if s.alive), key=lambda i: totals[i])
-            job = self._submit_in_order([self.schedulers[i] for i in order], prompt, config, deliver)
-            engine = self.schedulers.index(job.owner)
-            self.shared.table[self.shared.front_end * self.shared.engines + engine] += 1
-        return job
-
-    @staticmethod
-    def _submit_in_order(schedulers: list[Scheduler], prompt, config, deliver) -> Job:
-        error: Exception = ShuttingDown("no engine is running")
-        for s in schedulers:
-            try:
-                return s.submit(prompt, config, deliver)
-            except (QueueFull, ShuttingDown) as e:
-                error = e
-        raise error
+        shared = self.shared
+        with shared.table.get_lock() if shared is not None else contextlib.nullcontext():  # choose and count at once
+            load = shared.totals() if shared is not None else [s.load for s in self.schedulers]
+            error: Exception = ShuttingDown("no engine is running")
+            for i in sorted((i for i, s in enumerate(self.schedulers) if s.alive), key=load.__getitem__):
+                try:
+                    job = self.schedulers[i].submit(prompt, config, deliver)
+                except (QueueFull, ShuttingDown) as e:
+                    error = e
+                    continue
+                if shared is not None:
+                    shared.add(i, 1)
+                return job
+            raise error
 
     def cancel(self, job: Job) -> None:
         job.owner.cancel(job)
