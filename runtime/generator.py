@@ -60,7 +60,7 @@ class Request:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)  # one per row per round: a slotted instance is created ~4x faster
 class TokenEvent:
     """New tokens of one request after a round (`finished` once it ends)."""
 
@@ -386,19 +386,22 @@ class Generator:
             self._waited += time.perf_counter() - waiting
         now = time.perf_counter()
         events = []
-        for request, row_tokens in zip(round_.rows, round_.tokens.tolist()):
-            if request.finished:
+        # numpy's tolist is ~7x faster than torch's ([2368, 4]: 0.35 vs 2.5 ms on our CPU)
+        for request, new in zip(round_.rows, round_.tokens.numpy().tolist()):
+            if request.finish_reason is not None:
                 continue
-            new = row_tokens[: request.config.max_new_tokens - len(request.tokens)]
+            room = request.config.max_new_tokens - len(request.tokens)
+            if room < len(new):
+                new = new[:room]
             if request.stops and not request.stops.isdisjoint(new):
                 new = new[: next(i for i, t in enumerate(new) if t in request.stops) + 1]
                 request.finish_reason = "stop"
-            elif len(request.tokens) + len(new) >= request.config.max_new_tokens:
+            elif room <= len(new):
                 request.finish_reason = "length"
             request.tokens += new
             if request.first_token_at is None and new:
                 request.first_token_at = now
-            if request.finished:
+            if request.finish_reason is not None:
                 request.finished_at = now
-            events.append(TokenEvent(request, new, request.finished))
+            events.append(TokenEvent(request, new, request.finish_reason is not None))
         return events

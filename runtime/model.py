@@ -114,33 +114,33 @@ class Model:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[GenerationResult]:
         """Generate for every prompt (text or token ids); `config` is one for all, or one per prompt."""
-        requests, ids = self._submit(prompts, config)
-        try:
+        with collector_off_the_heap():  # submission and results too: they allocate per request
+            requests, ids = self._submit(prompts, config)
             gen = self.generator()
-            with collector_off_the_heap():
+            try:
                 while gen.has_work:
                     gen.step()
-        except BaseException:
-            self.generator().reset()
-            raise
-        return [self._result(r, p) for r, p in zip(requests, ids)]
+            except BaseException:
+                gen.reset()
+                raise
+            return [self._result(r, p) for r, p in zip(requests, ids)]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> Iterator[StreamChunk]:
         """Yield new tokens of each prompt as its blocks complete (`config` as for `generate`)."""
-        requests, _ = self._submit(prompts, config)
-        index = {r.id: i for i, r in enumerate(requests)}
-        gen = self.generator()
-        try:
-            with collector_off_the_heap():
+        with collector_off_the_heap():
+            requests, _ = self._submit(prompts, config)
+            index = {r.id: i for i, r in enumerate(requests)}
+            gen = self.generator()
+            try:
                 while gen.has_work:
                     for event in gen.step():
                         text = self.decode(event.tokens) if self.tokenizer else None
                         yield StreamChunk(index[event.request.id], event.tokens, text, event.finished,
                                           event.request.finish_reason)
-        except BaseException:
-            gen.reset()
-            raise
+            except BaseException:
+                gen.reset()
+                raise
 
     def _submit(self, prompts, config) -> tuple[list[Request], list[list[int]]]:
         batch = self._normalize(prompts)
