@@ -64,7 +64,7 @@ class StepStats:
 @dataclass
 class BenchResult:
     name: str
-    engine: str  # "blockrt-torch", "blockrt-onnxruntime", "hf-transformers"
+    engine: str  # "blockrt-torch-compiled", "blockrt-torch", "blockrt-onnxruntime", "hf-transformers"
     kind: str
     dtype: str
     batch: int
@@ -499,7 +499,13 @@ def fit_workloads(workloads: list[tuple[str, int, int]], plans: list[_Plan]) -> 
     return fitted
 
 
-def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads, compile: bool = False,
+def _engine_label(model) -> str:
+    """"blockrt-<backend>", with "-compiled" where its decode steps ran compiled."""
+    compiled = any(getattr(e, "compiled", None) is not None for e in model.engines.values())
+    return f"blockrt-{model.backend}" + ("-compiled" if compiled else "")
+
+
+def _open(plan: _Plan, weights, dtype: str, device: torch.device, max_batch: int, workloads, compile: bool | None = None,
           kv_cache_dtype: str | None = None):
     from .model import Model
 
@@ -528,12 +534,12 @@ def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool =
 
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
-              device: str | None = None, profile: bool = False, compile: bool = False, quantize: str | None = None,
+              device: str | None = None, profile: bool = False, compile: bool | None = None, quantize: str | None = None,
               kv_cache_dtype: str | None = None, trace_dir: Path | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
     in this process; the first target is compared with each of the others. Every flag is checked
     and every workload fitted to the artifacts' context before the first run. `compile`: PyTorch
-    engines run compiled decode steps (see `Model.load`). `quantize` / `kv_cache_dtype` apply to
+    engines run compiled decode steps (see `Model.load`; None: where they can). `quantize` / `kv_cache_dtype` apply to
     the first target, a preset (quantized in memory, default calibration). `profile`: log the heaviest
     kernels of a short run of each blockrt model first; `trace_dir`: also save that run's timeline
     there, one file per model, workload and batch (implies `profile`)."""
@@ -566,7 +572,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
             if target.is_hf:
                 row = _hf_row_bytes(weights, prompt_len + gen_len, hf_dtype)
             else:
-                probe = _open(plan, weights, dtype, dev, 1, workloads, kv_cache_dtype=kv)  # sizes only: never compiled
+                probe = _open(plan, weights, dtype, dev, 1, workloads, compile=False, kv_cache_dtype=kv)  # sizes only: never compiled
                 row = per_row_bytes(probe, prompt_len, gen_len)
                 del probe
             for batch in _batches(plan.batch_spec, free, row, plan.max_batch, cpu=dev.type != "cuda"):
@@ -579,7 +585,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                         model = _open(plan, weights, dtype, dev, batch, workloads, compile, kv)
                         label = target.spec if weights is not None else f"{target.spec} ({model.manifest.source})"
                         label += "".join(f" {k} {v}" for k, v in (("quantized", quant), ("kv cache", kv)) if v)
-                        r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, f"blockrt-{model.backend}")
+                        r = bench_blockrt(model, label, batch, prompt_len, gen_len, hw, _engine_label(model))
                         r.after_profile = profiled
                         if profile or trace_dir is not None:  # after the measured run: see profile_kernels
                             if not profiled and dev.type == "cuda":

@@ -67,11 +67,12 @@ class Model:
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
              max_batch: int | None = None, cuda_graphs: bool = True, verify_files: bool = True,
-             compile: bool = False) -> "Model":
+             compile: bool | None = None) -> "Model":
         """Open an artifact directory written by `blockrt export` (and `blockrt build` for TensorRT).
         `backend`: "torch", "onnxruntime", "tensorrt", or "auto" (`pick_backend`; `model.backend`
-        says which). PyTorch backend on CUDA: `compile=True` runs the decode steps compiled by
-        TorchInductor inside the CUDA graphs (faster; experimental, see README "Compiled fast path")."""
+        says which). PyTorch backend: `compile` runs the decode steps compiled by TorchInductor inside
+        the CUDA graphs (README "Compiled fast path"); None (default) compiles where that runs (CUDA
+        with Triton) and runs them eagerly elsewhere, False always eagerly."""
         if backend != "auto":
             check_backend(backend)
         directory = Path(artifact_dir)
@@ -88,7 +89,7 @@ class Model:
 
     @classmethod
     def from_torch(cls, model: torch.nn.Module, *, dtype: str = "bf16", max_batch: int = 8, max_context: int = 2048,
-                   device: str | None = None, cuda_graphs: bool = True, compile: bool = False, tokenizer=None,
+                   device: str | None = None, cuda_graphs: bool = True, compile: bool | None = None, tokenizer=None,
                    positions: str = "forward", kv_cache_dtype: str | None = None) -> "Model":
         """Run a PyTorch model (e.g. a preset with random weights) on the PyTorch engine without
         exporting it first: what `blockrt bench PRESET` uses. `positions` as in `export`; `compile`

@@ -6,9 +6,9 @@ shape that has no graph yet first runs on a larger captured one, padded (`stand_
 own graph once it persists (`CAPTURE_AFTER_CALLS`).
 Attention reads only the cache rows any sequence can see (`attend_len`, rounded up to a bucket of
 `ATTEND_BLOCKS` blocks for the block decoder and `ATTEND_TOKENS` tokens for a vanilla decoder, so
-the number of captured graphs stays small). With `compile=True`
-(opt-in, experimental) what the graphs capture is the step compiled by TorchInductor
-(`blockrt.runtime.inductor`); prefills always run eagerly.
+the number of captured graphs stays small). Where TorchInductor can run (CUDA with Triton; unless
+`compile=False`) what the graphs capture is the compiled step (`blockrt.runtime.inductor`);
+prefills always run eagerly.
 """
 
 from __future__ import annotations
@@ -154,11 +154,12 @@ class TorchEngine(Engine):
 
 
 def load_torch_engines(manifest: Manifest, directory, device: torch.device, model: torch.nn.Module | None = None,
-                       cuda_graphs: bool = True, compile: bool = False) -> dict[str, TorchEngine]:
+                       cuda_graphs: bool = True, compile: bool | None = None) -> dict[str, TorchEngine]:
     """Engines for every graph of the artifact, from its saved weights, or from the tensors of a
     given model (which is not changed; see `_own_model`). `compile`: run decode steps compiled by
-    TorchInductor inside the CUDA graphs (CUDA only; elsewhere, or without CUDA graphs, the steps run
-    eagerly and the reason is logged)."""
+    TorchInductor inside the CUDA graphs (CUDA with Triton only; elsewhere, or without CUDA graphs, the
+    steps run eagerly, and the reason is logged where compile=True asked for it); None: where it runs;
+    False: never."""
     if model is None:
         from blockrt.exporter.checkpoint import load_checkpoint
 
@@ -171,10 +172,10 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
         model = model.to(device=device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
     else:
         model = _own_model(model, device, TORCH_DTYPES[manifest.dtype])
-    if compile:
+    if compile is not False:
         reason = skip_reason(device) or (None if cuda_graphs else "compiled steps run inside CUDA graphs, which are off")
         if reason:
-            log.info("not compiling the steps: %s", reason)
+            log.log(logging.INFO if compile else logging.DEBUG, "not compiling the steps: %s", reason)
         compile = reason is None
     prepare_quantized(model, manifest, directory, device, compiled=compile)
     if isinstance(model, BlockTransformer):  # attention over the token decoder's L + 1 rows: one Triton

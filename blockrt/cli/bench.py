@@ -13,6 +13,8 @@ from blockrt.graphs.contract import DTYPES
 from blockrt.graphs.qdq import KV_CACHE_DTYPES, QUANT_MODES
 from blockrt.parsing import parse_int_list
 
+from .options import compile_option
+
 log = logging.getLogger("blockrt.bench")
 
 
@@ -44,9 +46,7 @@ log = logging.getLogger("blockrt.bench")
 @click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES),
               help="FP8 KV cache for MODEL's block decoder (a preset; calibrated scales, fused decode attention on CUDA).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
-@click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
-              help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
-              "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes).")
+@compile_option
 @click.option("--profile", is_flag=True, help="Also log the heaviest GPU kernels of a short run (torch.profiler).")
 @click.option("--serve", "serve", is_flag=True, help="Benchmark `blockrt serve` on loopback against the offline engine "
               "on the same workload (--clients streams x --requests each, --prompt-len, --gen-len).")

@@ -22,6 +22,17 @@ def positions_option(f):
                         help=POSITIONS_HELP)(f)
 
 
+COMPILE_HELP = ("PyTorch engine on a GPU: decode steps compiled by TorchInductor inside CUDA graphs. Default: on "
+                "where it runs (CUDA with Triton), else eager (--compile: log why). The first load of a model "
+                "compiles for minutes (progress logged; kernels cached on disk, later loads take seconds); "
+                "--no-compile runs the steps eagerly (debugging, or no time to compile).")
+
+
+def compile_option(f):
+    """--compile/--no-compile (default: None = on where it runs); the command gets `compile_steps`."""
+    return click.option("--compile/--no-compile", "compile_steps", default=None, help=COMPILE_HELP)(f)
+
+
 def parse_ids(text: str, flag: str) -> list[int]:
     """'1,2,3' -> [1, 2, 3]; anything else is a UserError naming the flag and the bad item."""
     return parse_int_list(text, flag, minimum=0, item="token id")

@@ -12,7 +12,7 @@ import click
 from blockrt.backends import BACKEND_CHOICES
 from blockrt.errors import UserError
 
-from .options import generation_config, parse_ids, read_prompts_file, sampling_options
+from .options import compile_option, generation_config, parse_ids, read_prompts_file, sampling_options
 
 log = logging.getLogger("blockrt.run")
 
@@ -24,9 +24,7 @@ log = logging.getLogger("blockrt.run")
               "else onnxruntime.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt/torch when present).")
 @click.option("--max-batch", type=int, default=None, help="Rows run at once (default and limit: the artifact's).")
-@click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
-              help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
-              "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes).")
+@compile_option
 @click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="IDS",
               help="Comma-separated token ids of one prompt; repeat for a batch.")
 @click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT",

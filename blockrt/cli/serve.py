@@ -11,6 +11,8 @@ import click
 from blockrt.backends import BACKEND_CHOICES
 from blockrt.errors import require
 
+from .options import compile_option
+
 log = logging.getLogger("blockrt.serve")
 
 
@@ -28,9 +30,7 @@ def server_options(f, artifact_required: bool = True):
         click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
                      help="Requests allowed to wait for a batch row; beyond it new requests are refused "
                      "(HTTP 429 with Retry-After; Triton: an error response)."),
-        click.option("--compile/--no-compile", "compile_steps", default=False, show_default=True,
-                     help="PyTorch backend on a GPU: run decode steps compiled by TorchInductor (faster; experimental: "
-                     "see README, Compiled fast path; kernels cached on disk, the first run compiles for minutes)."),
+        compile_option,
         click.option("--model-name", default=None, help="The model name clients use (default: the artifact "
                      "directory's name)."),
     ]
@@ -39,7 +39,7 @@ def server_options(f, artifact_required: bool = True):
     return f
 
 
-def load_model(artifact: Path, backend: str, device: str | None, max_batch: int | None, compile_steps: bool = False):
+def load_model(artifact: Path, backend: str, device: str | None, max_batch: int | None, compile_steps: bool | None = None):
     from blockrt.runtime import Model
 
     model = Model.load(artifact, backend=backend, device=device, max_batch=max_batch, compile=compile_steps)
@@ -50,7 +50,7 @@ def load_model(artifact: Path, backend: str, device: str | None, max_batch: int 
 
 def engine_specs(artifact: Path | None, preset: str | None, backend: str, device: str | None, devices: str | None,
                  data_parallel: int | None, max_batch: int | None, dtype: str, max_context: int,
-                 compile_steps: bool = False):
+                 compile_steps: bool | None = None):
     """One ModelSpec per engine process: the artifact (or preset) on each device."""
     from blockrt.errors import UserError
     from blockrt.runtime.serve import ModelSpec

@@ -140,7 +140,7 @@ class ModelSpec:
     """How a core process gets its model: an artifact directory, a preset with random weights
     (PyTorch engine), or any picklable `factory()` returning a Model. `device` "cuda:N" makes
     the process see only GPU N. `compile`: the PyTorch engine's compiled steps (`Model.load`'s
-    `compile=`; on a CPU they run eagerly, and the engine logs why). `trace`: a file for the core
+    `compile=`: None compiles where that runs, CUDA with Triton). `trace`: a file for the core
     process's `StepTrace`s and garbage collections (see `write_trace`; `blockrt bench --serve`)."""
 
     artifact: str | None = None
@@ -153,7 +153,7 @@ class ModelSpec:
     seed: int = 0
     factory: Callable | None = None
     name: str | None = None
-    compile: bool = False
+    compile: bool | None = None
     trace: str | None = None  # a core process writes its steps' host timings here (JSON) when it stops
 
     def describe(self) -> str:
