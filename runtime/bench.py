@@ -21,6 +21,7 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -535,14 +536,17 @@ def _batches(spec: str, model_free: int, row_bytes: int, limit: int, cpu: bool =
 
 def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batch_specs: list[str], dtype: str,
               device: str | None = None, profile: bool = False, compile: bool | None = None, quantize: str | None = None,
-              kv_cache_dtype: str | None = None, trace_dir: Path | None = None) -> tuple[list[BenchResult], Hardware, list[dict]]:
+              kv_cache_dtype: str | None = None, trace_dir: Path | None = None,
+              on_result: Callable[[list[BenchResult], Hardware], None] | None = None,
+              ) -> tuple[list[BenchResult], Hardware, list[dict]]:
     """Benchmark every target on every workload (name, prompt_len, gen_len), one target at a time
     in this process; the first target is compared with each of the others. Every flag is checked
     and every workload fitted to the artifacts' context before the first run. `compile`: PyTorch
     engines run compiled decode steps (see `Model.load`; None: where they can). `quantize` / `kv_cache_dtype` apply to
     the first target, a preset (quantized in memory, default calibration). `profile`: log the heaviest
     kernels of a short run of each blockrt model first; `trace_dir`: also save that run's timeline
-    there, one file per model, workload and batch (implies `profile`)."""
+    there, one file per model, workload and batch (implies `profile`). `on_result(results, hw)`: called
+    after every run with the results so far (the CLI saves them, so a run stopped midway keeps them)."""
     plans = plan_targets(targets, batch_specs)
     workloads = fit_workloads(workloads, plans)
     if (quantize or kv_cache_dtype) and plans[0].preset is None:
@@ -606,6 +610,8 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                 r.workload = name
                 results.append(r)
                 log.info("  %.0f output tok/s, TTFT %.3f s", r.output_tok_s, r.ttft_s)
+                if on_result is not None:
+                    on_result(results, hw)
                 if name not in best or r.output_tok_s > best[name].output_tok_s:
                     best[name] = r
         by_target.append(best)

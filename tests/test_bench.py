@@ -205,3 +205,13 @@ def test_trace_saves_a_timeline_of_the_profiled_run_per_model(blockrt_cli, tmp_p
     assert files == ["tiny_block_custom_b2.trace.json.gz", "tiny_vanilla_custom_b2.trace.json.gz"]
     events = json.loads(gzip.decompress((tmp_path / "traces" / files[0]).read_bytes()))["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)  # host calls of the profiled generation
+
+
+def test_every_run_reports_the_results_so_far_so_a_stopped_bench_keeps_them():
+    """`on_result` (the CLI saves --out with it) sees the results after each run, growing one at a time."""
+    seen = []
+    targets = [bench.Target("tiny_block", "torch"), bench.Target("tiny_vanilla", "torch")]
+    results, _, _ = bench.run_bench(targets, [("custom", 8, 8)], ["1,2", "1"], "fp32", "cpu",
+                                    on_result=lambda so_far, hw: seen.append([r.name for r in so_far]))
+    assert seen == [["tiny_block"], ["tiny_block"] * 2, ["tiny_block"] * 2 + ["tiny_vanilla"]]
+    assert [r.name for r in results] == seen[-1]

@@ -115,8 +115,11 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
+    def save_so_far(results, hw) -> None:  # a long bench stopped midway keeps what it measured
+        out.write_text(json.dumps(to_json(results, hw, []), indent=2, allow_nan=False) + "\n")
+
     results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps, quantize,
-                                    kv_cache_dtype, trace_dir)
+                                    kv_cache_dtype, trace_dir, on_result=save_so_far if out else None)
     if _saved(to_json(results, hw, ratios), out, as_json):
         return
     click.echo(hw.describe())
