@@ -13,7 +13,6 @@ Hugging Face transformers `generate` on the vanilla model's weights (`--against 
 
 from __future__ import annotations
 
-import collections
 import gc
 import logging
 import math
@@ -34,6 +33,7 @@ from blockrt.graphs.manifest import Manifest
 from blockrt.parsing import parse_int_list
 
 from .engine import SPEC_DTYPES
+from .tracing import Trace, step_summary
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ class BenchResult:
     steps: dict[str, StepStats] = field(default_factory=dict)
     workload: str = "custom"
     after_profile: bool = False  # measured after a --profile run in this process (slower: see profile_kernels)
-    # blockrt runs, from the generator's step trace of the measured run (steps that admitted nothing):
-    step_host_ms: float | None = None  # median host time of a step outside device waits (launch + token reads)
-    step_wait_ms: float | None = None  # median time a step waited for the device (near 0: the GPU waited for the host)
+    # blockrt runs, from the measured run's `tracing.Trace` (generator steps, garbage collections):
+    step_host_ms: float | None = None  # mean host time of a step outside device waits (launch + token reads)
+    step_wait_ms: float | None = None  # mean time a step waited for the device (near 0: the GPU waited for the host)
     graphs_captured: int | None = None  # CUDA graphs captured during the measured run (0 after a good warm-up)
+    gc_ms: float | None = None  # time in Python's garbage collector during the measured run
+    gc_full: int | None = None  # full collections among them
 
 
 def environment() -> dict:
@@ -163,7 +165,7 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
     model.generate(prompts, full)  # warm-up: captures every CUDA graph the run needs, fills allocator pools
     ttft_s = _median_ttft(lambda: model.generate(prompts, first), device)
     gen = model.generator()
-    gen.trace = collections.deque()
+    trace = Trace(gen)
     captured = sum(e.captures for e in model.engines.values())
     t0 = time.perf_counter()
     try:
@@ -171,8 +173,9 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
             outputs = model.generate(prompts, full)
             _sync(device)
     finally:
-        trace, gen.trace = list(gen.trace), None
-    wall = time.perf_counter() - t0
+        t1, recorded = time.perf_counter(), trace.stop()
+    wall = t1 - t0
+    summary = step_summary(recorded, t0, t1, batch)
     captured = sum(e.captures for e in model.engines.values()) - captured
     assert all(len(o.token_ids) == gen_len for o in outputs), "a sequence stopped early with EOS ignored"
     steps, busy_ms = {}, 0.0
@@ -186,17 +189,8 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
                        ttft_s, 1e3 * max(wall - ttft_s, 0) / max(gen_len - 1, 1), batch * gen_len / wall,
                        batch * (prompt_len + gen_len) / wall, peak,
                        host_overhead=max(0.0, 1 - busy_ms / 1e3 / wall) if timings else None, steps=steps,
-                       graphs_captured=captured, **_step_summary(trace))
-
-
-def _step_summary(trace) -> dict:
-    """Host time and device wait of a median generator step that admitted nothing, from a
-    measured run's `Generator.trace`."""
-    steady = [t for t in trace if not t.joined]
-    if not steady:
-        return {}
-    return {"step_host_ms": 1e3 * statistics.median(t.end - t.start - t.waited for t in steady),
-            "step_wait_ms": 1e3 * statistics.median(t.waited for t in steady)}
+                       step_host_ms=summary.get("host_ms"), step_wait_ms=summary.get("device_wait_ms"),
+                       graphs_captured=captured, gc_ms=summary["gc_ms"], gc_full=summary["gc_full"])
 
 
 def profile_kernels(model, batch: int, prompt_len: int, gen_len: int, rows: int = 30, trace: Path | None = None) -> str:
@@ -322,7 +316,7 @@ def auto_batch(model_bytes_free: int, row_bytes: int, limit: int) -> int:
 
 def format_table(results: list[BenchResult]) -> str:
     head = ["model", "engine", "dtype", "batch", "prompt", "gen", "TTFT s", "TPOT ms", "out tok/s", "total tok/s",
-            "peak GiB", "host ovh", "step host/wait ms", "step GPU ms (floor %)"]
+            "peak GiB", "host ovh", "step host/wait ms", "GC ms (full)", "step GPU ms (floor %)"]
     rows = []
     for r in results:
         steps = ", ".join(f"{k} {v.gpu_ms_median:.2f}" + (f" ({100 * v.floor_fraction:.0f}%)" if v.floor_fraction else "")
@@ -331,7 +325,8 @@ def format_table(results: list[BenchResult]) -> str:
                      f"{r.tpot_ms:.2f}", f"{r.output_tok_s:,.0f}", f"{r.total_tok_s:,.0f}",
                      "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.1f}",
                      "-" if r.host_overhead is None else f"{100 * r.host_overhead:.1f}%",
-                     "-" if r.step_host_ms is None else f"{r.step_host_ms:.1f}/{r.step_wait_ms:.1f}", steps or "-"])
+                     "-" if r.step_host_ms is None else f"{r.step_host_ms:.1f}/{r.step_wait_ms:.1f}",
+                     "-" if r.gc_ms is None else f"{r.gc_ms:.0f} ({r.gc_full})", steps or "-"])
     return text_table(head, rows)
 
 

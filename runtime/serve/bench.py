@@ -20,16 +20,15 @@ import json
 import logging
 import math
 import multiprocessing
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from dataclasses import replace
 
 from blockrt.runtime.bench import text_table
-from blockrt.runtime.generator import StepTrace
+from blockrt.runtime.tracing import Trace, step_summary
 
-from .core import ModelSpec, start_trace
+from .core import ModelSpec
 from .loadgen import Load, percentiles, run_load
 
 log = logging.getLogger(__name__)
@@ -45,11 +44,11 @@ def _offline_process(spec: ModelSpec, prompts: int, prompt_len: int, gen_len: in
     model.generate(ids[:model.max_batch], config)  # warm-up: captures the CUDA graphs
     out.send("ready")
     out.recv()  # every device starts together
-    trace = start_trace(model.generator())
+    trace = Trace(model.generator())
     start = time.perf_counter()
     results = model.generate(ids, config)
     end = time.perf_counter()
-    out.send({"start": start, "end": end, "trace": trace(), "tokens": sum(len(r.token_ids) for r in results),
+    out.send({"start": start, "end": end, "trace": trace.stop(), "tokens": sum(len(r.token_ids) for r in results),
               "ttft": [r.time_to_first_token_s for r in results],
               "tpot": [(r.latency_s - r.time_to_first_token_s) / (len(r.token_ids) - 1) for r in results
                        if len(r.token_ids) > 1]})
@@ -91,35 +90,6 @@ def bench_offline(specs: list[ModelSpec], prompts: int, prompt_len: int, gen_len
             "ttft_s": percentiles([t for p in parts for t in p["ttft"]]),
             "tpot_s": percentiles([t for p in parts for t in p["tpot"]]),
             "engine_steps": [step_summary(p["trace"], p["start"], p["end"], batch) for p in parts]}
-
-
-def step_summary(trace: dict, start: float, end: float, batch: int) -> dict:
-    """Where one engine's time went between `start` and `end` (perf_counter), from a trace of
-    `core.start_trace`: generator steps (each admits, launches a round and reads the previous one),
-    the wait for the device within them, the host time between them (a server's engine loop:
-    commands and output), prefills, CUDA graph captures (and calls run on a larger graph instead) and
-    garbage collections. `full_batch_*`:
-    steps with at least 95% of `batch` rows and no prefill, the steady state of a decode-bound run."""
-    steps = [StepTrace(*row) for row in trace["steps"] if start <= row[0] <= end]
-    if len(steps) < 2:
-        return {"steps": len(steps)}
-    pairs = list(zip(steps, steps[1:]))
-    full = [b.start - a.start for a, b in pairs if a.rows >= 0.95 * batch and a.joined == 0]
-    gcs = [(b - a, generation) for a, b, generation in trace["gc"] if start <= a <= end]
-
-    def ms(values) -> float | None:
-        return 1e3 * statistics.fmean(values) if values else None
-
-    return {"steps": len(steps), "step_ms": ms([b.start - a.start for a, b in pairs]),
-            "full_batch_steps": len(full), "full_batch_step_ms": ms(full),
-            "full_batch_step_p50_ms": 1e3 * statistics.median(full) if full else None,
-            "host_ms": ms([t.end - t.start - t.waited for t in steps]), "device_wait_ms": ms([t.waited for t in steps]),
-            "between_steps_ms": ms([b.start - a.end for a, b in pairs]),
-            "prefills": sum(t.prefills for t in steps), "joined": sum(t.joined for t in steps),
-            "moved_rows": sum(t.moved for t in steps), "graphs_captured": steps[-1].graphs - steps[0].graphs,
-            "graph_stand_ins": steps[-1].stand_ins - steps[0].stand_ins,
-            "gc_ms": 1e3 * sum(d for d, _ in gcs), "gc_full": sum(1 for _, g in gcs if g == 2),
-            "gc_max_ms": 1e3 * max((d for d, _ in gcs), default=0.0)}
 
 
 def bench_serve(specs: list[ModelSpec], clients: int, requests: int, prompt_len: int, gen_len: int,

@@ -14,8 +14,6 @@ A generator exception fails the sequences it was running and keeps the ones stil
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import gc
 import json
 import logging
@@ -29,6 +27,7 @@ from typing import Callable, Iterator
 
 from blockrt.errors import UserError
 from blockrt.generation import GenerationConfig, RequestLimits
+from blockrt.runtime.tracing import Trace
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +140,7 @@ class ModelSpec:
     (PyTorch engine), or any picklable `factory()` returning a Model. `device` "cuda:N" makes
     the process see only GPU N. `compile`: the PyTorch engine's compiled steps (`Model.load`'s
     `compile=`: None compiles where that runs, CUDA with Triton). `trace`: a file for the core
-    process's `StepTrace`s and garbage collections (see `write_trace`; `blockrt bench --serve`)."""
+    process's `StepTrace`s and garbage collections (`blockrt.runtime.tracing.Trace`; `blockrt bench --serve`)."""
 
     artifact: str | None = None
     preset: str | None = None
@@ -320,38 +319,6 @@ class EngineCore:
             self._add(Add(job, r.prompt, r.config), out)
 
 
-# ------------------------------------------------------------------------------------ tracing
-
-TRACE_LIMIT = 1_000_000  # steps (and garbage collections) a trace keeps, the latest
-
-
-class _CollectorSpans:
-    """gc callback: (start, end, generation) of each garbage collection, perf_counter seconds."""
-
-    def __init__(self):
-        self.spans: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=TRACE_LIMIT)
-        self._start = 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.spans.append((self._start, time.perf_counter(), info["generation"]))
-
-
-def start_trace(generator) -> Callable[[], dict]:
-    """Record `generator`'s steps (`StepTrace`) and this process's garbage collections from now on;
-    returns a function giving both as JSON-ready lists (see `blockrt.runtime.serve.bench.step_summary`)."""
-    generator.trace = collections.deque(maxlen=TRACE_LIMIT)
-    collections_ = _CollectorSpans()
-    gc.callbacks.append(collections_)
-
-    def result() -> dict:
-        return {"steps": [dataclasses.astuple(t) for t in generator.trace], "gc": list(collections_.spans)}
-
-    return result
-
-
 # ------------------------------------------------------------------------------------ as a process
 
 def run_core_process(spec: ModelSpec, connections: list) -> None:
@@ -376,7 +343,7 @@ def run_core_process(spec: ModelSpec, connections: list) -> None:
     gc.freeze()  # the model's objects never die: keep the collector off them
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     core = EngineCore(model, outbox.put)
-    trace = start_trace(core.generator) if spec.trace else None
+    trace = Trace(core.generator) if spec.trace else None
     n = len(connections)
     gone: set[int] = set()  # front ends whose pipe broke
 
@@ -426,4 +393,4 @@ def run_core_process(spec: ModelSpec, connections: list) -> None:
             connection.close()
     if trace is not None:
         with open(spec.trace, "w") as f:
-            json.dump(trace(), f)
+            json.dump(trace.stop(), f)
