@@ -207,6 +207,37 @@ class Generator:
         finally:
             self._timings = None
 
+    def capture_graphs(self) -> int:
+        """Capture the CUDA graphs of full-batch decode steps (the token steps, and the main step for
+        every attend bucket up to the whole cache), so that every later decode step finds a graph:
+        its own, or a larger one it runs on padded (`torch_engine.stand_in`). A server calls this
+        at start, so its first burst does not stall on captures (each synchronizes the device and
+        takes 100-400 ms at batch 1024) and compilation happens before it takes requests. Writes
+        placeholder values into the caches: call it while no row is live. Returns the graphs
+        captured (0 where the engines capture none: CPU, or CUDA graphs off)."""
+        if self.rows or self.inflight:
+            raise RuntimeError("capture_graphs needs a generator with no live rows")
+        engines = list(self.engines.values())
+        before = sum(getattr(e, "captures", 0) for e in engines)
+        if not all(getattr(e, "cuda_graphs", False) for e in engines):
+            return 0
+        n = _batch_bucket(self.capacity, self.capacity) if self.pad_rows else self.capacity
+        main = self.engines["block_decoder" if self.block else "decoder"]
+        new_ids = torch.zeros(n, self.L, dtype=torch.long, device=self.device)
+        caches = [c[:n] for c in self.caches]
+        for attend in range(main.attend_bucket, self.cache_len + main.attend_bucket, main.attend_bucket):
+            attend = min(attend, self.cache_len)  # smallest first: a larger bucket never stands in for it
+            write = torch.full((n,), attend - 1, dtype=torch.long, device=self.device)
+            self._main_step(new_ids, write, self.ones[:n], caches, attend_len=attend)
+        if self.block:
+            caches = [c[:n] for c in self.token_caches]
+            for k in range(2):  # a block's first token step feeds 2 positions, the others 1
+                ids = self.first_ids[:n] if k == 0 else self.first_ids[:n, :1]
+                self.engines["token_decoder"]([ids, self.prefix[:n], self.local_pos[k][:n]], caches)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sum(e.captures for e in engines) - before
+
     def reset(self) -> None:
         """Forget every request (after an error); the buffers stay allocated."""
         for r in itertools.chain(self.rows, self.queue):

@@ -110,6 +110,20 @@ def test_shapes_without_a_graph_run_padded_on_a_larger_one_with_the_reference_to
     assert token_decoder.stand_ins == CAPTURE_AFTER_CALLS and token_decoder.captures == captured["token_decoder"] + 1
 
 
+def test_graphs_captured_at_start_run_the_first_rounds_with_the_reference_tokens():
+    """A server captures the full-batch graphs at start (`Generator.capture_graphs`): the first
+    rounds of any batch then run on them (padded) without a capture, and keep the reference tokens."""
+    model = _model("tiny_block")
+    runtime = Model.from_torch(model, dtype="fp32", max_batch=64, max_context=512, device="cuda", compile=False)
+    captured = runtime.generator().capture_graphs()
+    engines = runtime.engines.values()
+    assert captured == sum(e.captures for e in engines) and captured > 2
+    config = GenerationConfig(max_new_tokens=24, ignore_eos=True)  # fewer calls than CAPTURE_AFTER_CALLS
+    out = runtime.generate(PROMPTS, config)
+    assert [r.token_ids for r in out] == generate(model, PROMPTS, config).tokens
+    assert sum(e.captures for e in engines) == captured and all(e.stand_ins > 0 for e in engines)
+
+
 def test_cuda_graph_runtime_matches_reference_sampling_fp32():
     model = _model("tiny_block")
     config = GenerationConfig(max_new_tokens=64, temperature=0.9, top_k=40, top_p=0.95, seed=11, ignore_eos=True)

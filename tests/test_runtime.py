@@ -385,3 +385,14 @@ def test_cli_turns_user_errors_into_exit_2_but_lets_other_value_errors_through(b
         blockrt_cli("presets")
     code, _, err = blockrt_cli("generate", "--preset", "nope", "--prompt-ids", "1")
     assert code == 2 and err.startswith("Error: unknown preset 'nope'")
+
+
+def test_capturing_graphs_at_start_is_a_no_op_without_cuda_graphs_and_refuses_live_rows(exported):
+    model = Model.load(exported("tiny_block"), backend="torch")
+    gen = model.generator()
+    assert gen.capture_graphs() == 0  # a CPU engine captures no graph (tests/test_gpu.py checks CUDA)
+    gen.add([1, 2, 3], GenerationConfig(max_new_tokens=8))
+    gen.step()
+    with pytest.raises(RuntimeError, match="no live rows"):
+        gen.capture_graphs()
+    gen.reset()

@@ -195,7 +195,14 @@ class EngineCore:
     thread) loops until `stop`, calling `emit(round)` after every step."""
 
     def __init__(self, model, emit: Callable[[Round], None]):
+        """Also captures the model's full-batch CUDA graphs (compiling its steps first where they
+        compile), so the first burst of requests does not stall on that (`Generator.capture_graphs`)."""
         self.generator = model.generator()
+        if not self.generator.has_work:
+            start = time.perf_counter()
+            if captured := self.generator.capture_graphs():
+                log.info("captured %d CUDA graphs of full-batch decode steps in %.1f s", captured,
+                         time.perf_counter() - start)
         self.emit = emit
         self._cond = threading.Condition()
         self._inbox: list[Add | Cancel | Forget] = []
@@ -332,17 +339,17 @@ def run_core_process(spec: ModelSpec, connections: list) -> None:
     os.setpgid(0, 0)  # Ctrl-C or a signal to the server's process group is the server's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
     try:
         model = spec.load()
         info = ModelInfo.of(model, spec.name)
+        core = EngineCore(model, outbox.put)
     except Exception as e:  # a bad artifact or device: one line for the server to report
         for connection in connections:
             connection.send(("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
         return
     gc.collect()
     gc.freeze()  # the model's objects never die: keep the collector off them
-    outbox: queue.SimpleQueue = queue.SimpleQueue()
-    core = EngineCore(model, outbox.put)
     trace = Trace(core.generator) if spec.trace else None
     n = len(connections)
     gone: set[int] = set()  # front ends whose pipe broke
