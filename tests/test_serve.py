@@ -800,3 +800,24 @@ def test_http_workers_route_by_the_open_jobs_of_all_workers():
     engines[0][0] = 0  # engine 0 refuses (its queue is full): the job goes to engine 1 and is counted there
     groups[1].submit([1], None, None)
     assert list(table) == [0, 1, 2, 3] and [e[1] for e in engines] == [2, 4]
+
+
+def test_a_killed_http_worker_leaves_the_routing_table():
+    """The server's main process sees an HTTP worker exit and clears its row of the shared load
+    table, so the other workers stop routing around its (cancelled) jobs."""
+    from blockrt.runtime.serve import Workers
+    from blockrt.runtime.serve.scheduler import SharedLoad
+
+    with Workers([tiny_spec(max_batch=4)], 2, max_queue=64) as workers:
+        SharedLoad(workers._load_table, 1, 1).add(0, 5)  # worker 1 holds 5 open jobs on engine 0
+        watcher = threading.Thread(target=workers.watch)
+        watcher.start()
+        workers.workers[1].kill()
+        deadline = time.monotonic() + 30
+        while workers._load_table[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(workers._load_table) == [0, 0]
+        with httpx.Client(base_url=workers.url, timeout=60) as c:  # worker 0 still serves
+            assert complete(c, prompt=[1, 2, 3], max_tokens=4)["choices"][0]["finish_reason"] == "length"
+    watcher.join(30)
+    assert not watcher.is_alive()

@@ -116,7 +116,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
     def save_so_far(results, hw) -> None:  # a long bench stopped midway keeps what it measured
-        out.write_text(json.dumps(to_json(results, hw, []), indent=2, allow_nan=False) + "\n")
+        _write(out, to_json(results, hw, []))
 
     results, hw, ratios = run_bench(targets, workloads, batch_specs, dtype, device, profile, compile_steps, quantize,
                                     kv_cache_dtype, trace_dir, on_result=save_so_far if out else None)
@@ -148,13 +148,15 @@ def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients,
     # a preset is built in the engine processes for this workload; an artifact brings its own context
     context = padded_len(prompt_len, get_preset(preset).block_len) + gen_len if preset else 0
     specs = engine_specs(artifact, preset, backend, device, devices, data_parallel, None, dtype, context, compile_steps)
+    from blockrt.runtime.bench import environment
+
     results = []
     for count in counts:
         results.append(bench_serve(specs, count, requests, prompt_len, gen_len, client_processes, offline,
                                    http_workers, trace_dir))
         log.info("%d streams: %s", count, format_serve(results[-1:]))  # also in the log, in case a later one fails
-    from blockrt.runtime.bench import environment
-
+        if out:  # saved after every stream count: a run stopped midway keeps the ones it measured
+            _write(out, {"environment": environment(), "results": results})
     if _saved({"environment": environment(), "results": results}, out, as_json):
         return
     click.echo(f"{specs[0].describe()}, prompt {prompt_len}, {gen_len} new tokens (EOS ignored), "
@@ -165,8 +167,12 @@ def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients,
 def _saved(data: dict, out: Path | None, as_json: bool) -> bool:
     """Save the results to --out; print them as JSON with --json (then True: no table)."""
     if out:
-        out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        _write(out, data)
         log.info("results saved to %s", out)
     if as_json:
         click.echo(json.dumps(data, indent=2, allow_nan=False))
     return as_json
+
+
+def _write(out: Path, data: dict) -> None:
+    out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

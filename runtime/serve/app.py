@@ -720,6 +720,7 @@ class Workers:
         self._ready: list[bool] = []
         self.loop_lag: list[tuple[float, float]] = []  # (sum, count) of each worker's event-loop lag samples
         self._metrics_dir: str | None = None  # the workers' shared metrics (metrics.SHARED_DIR_ENV)
+        self._load_table = None  # SharedLoad's table: open jobs per (worker, engine)
 
     @property
     def url(self) -> str:
@@ -760,7 +761,7 @@ class Workers:
             sock.listen(BACKLOG)
             self.port = sock.getsockname()[1]
             self._metrics_dir = tempfile.mkdtemp(prefix="blockrt-metrics-")
-            load_table = SharedLoad.create(context, self.count, len(self.specs))
+            load_table = self._load_table = SharedLoad.create(context, self.count, len(self.specs))
             for w in range(self.count):
                 status, child = context.Pipe()
                 links = [(ends[w], info) for ends, info in zip(pipes, infos)]
@@ -832,12 +833,28 @@ class Workers:
                 forward(signum, None)
             log.info("serving on %s: %s (%d HTTP workers, queue limit %d per engine)", self.url,
                      self.specs[0].name or self.specs[0].describe(), self.count, self.max_queue)
-            for worker in self.workers:
-                worker.join()
+            self.watch()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.stop(self.limits.shutdown_timeout_s + 10)
+
+    def watch(self) -> None:
+        """Wait until every worker has exited. One that exits on its own while the others serve
+        (killed, or crashed) is logged, and its open jobs leave the routing table (`SharedLoad.clear`;
+        its engines cancel them), so the others do not keep routing around jobs that are gone."""
+        import multiprocessing.connection
+
+        running = {worker.sentinel: (w, worker) for w, worker in enumerate(self.workers)}
+        while running:
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                w, worker = running.pop(sentinel)
+                worker.join()
+                if running and worker.exitcode != 0:
+                    log.warning("HTTP worker %d exited (code %s); %d keep serving and its requests were cancelled",
+                                w, worker.exitcode, len(running))
+                if self._load_table is not None:
+                    SharedLoad(self._load_table, w, len(self.specs)).clear()
 
     def __enter__(self) -> "Workers":
         return self.start()

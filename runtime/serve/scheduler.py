@@ -352,8 +352,8 @@ class SharedLoad:
 
     `table` is a `multiprocessing` Array("q", front_ends * engines) (zeros); its lock makes a
     routing decision and its count one step, so workers routing at once cannot both take the last
-    free row of one engine. A worker that is killed leaves its row counted (its engines cancel its
-    jobs, but routing keeps avoiding them by that count until the server restarts)."""
+    free row of one engine. A worker that exits while the server runs (killed, or crashed) has its
+    row cleared by the server's main process (`clear`), as its engines cancel its jobs."""
 
     def __init__(self, table, front_end: int, engines: int):
         if len(table) % engines:
@@ -373,6 +373,12 @@ class SharedLoad:
     def add(self, engine: int, count: int) -> None:
         with self.table.get_lock():
             self.table[self.front_end * self.engines + engine] += count
+
+    def clear(self) -> None:
+        """Forget this front end's open jobs (it is gone: its engines cancel them)."""
+        with self.table.get_lock():
+            for engine in range(self.engines):
+                self.table[self.front_end * self.engines + engine] = 0
 
 
 class EngineGroup:
