@@ -186,26 +186,28 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    # tile rows x warps, and three variants the autotuner chooses between (each configuration checked
-    # once by `_decode_kernel_agrees` before it may be chosen): PREFETCH loads the next tile before
-    # computing on this one (more bytes in flight); LAZY keeps the weighted sum of the values per
-    # tile row and sums the rows once at the end (one reduction per tile instead of two); DOT runs
-    # both products on tensor cores (16 copies of the query row, bf16), which lets Triton pipeline
-    # the tile loads through shared memory (`num_stages`) instead of holding them in registers.
+    # Two ways to attend, each in the configurations that won somewhere on an H100 (block_main_b4_1.2b's
+    # 16 heads of 128 at batch 2368, 48 to 540 cached rows; README "FP8 KV cache"). Every
+    # configuration is checked once by `_decode_kernel_agrees` before the autotuner may choose it.
+    # - DOT = 0, CUDA cores: each of the BLOCK row slots of a tile keeps its own online softmax
+    #   (running maximum, sum and weighted values over rows slot, slot + BLOCK, ...), merged once after
+    #   the loop, so a tile needs no reduction across warps (the dot products reduce within a warp).
+    #   PREFETCH loads the next tile before computing on this one (more bytes in flight).
+    # - DOT = 1 / 2, tensor cores: both products as matrix products (16 copies of the query row) in
+    #   bf16 / fp16 (fp16 holds every E4M3 value, and the probabilities with 3 more mantissa bits), which
+    #   lets Triton pipeline the tile loads through shared memory (`num_stages`).
     # The lengths are not specialized, so the kernels compiled for the check serve every context; the
     # strides are (multiples of 16 bytes, so the rows load 16 bytes at a time).
-    variants = {(16, 2): [(0, 0)], (32, 4): [(0, 0), (1, 0), (1, 1)], (64, 4): [(0, 0), (1, 0), (1, 1)],
-                (64, 8): [(0, 0), (1, 1)]}
-    configs = [triton.Config({"BLOCK": b, "PREFETCH": pf, "LAZY": lazy, "DOT": 0}, num_warps=w)
-               for (b, w), pairs in variants.items() for pf, lazy in pairs]
-    configs += [triton.Config({"BLOCK": b, "PREFETCH": 0, "LAZY": 0, "DOT": 1}, num_warps=4, num_stages=st)
-                for b, st in ((64, 3), (64, 4), (128, 3))]
+    configs = [triton.Config({"BLOCK": 32, "PREFETCH": 1, "DOT": 0}, num_warps=2, num_stages=1),
+               triton.Config({"BLOCK": 32, "PREFETCH": 0, "DOT": 0}, num_warps=2, num_stages=3),
+               triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 1}, num_warps=4, num_stages=3),
+               triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 2}, num_warps=4, num_stages=3)]
 
     @triton.autotune(configs=configs, key=["D", "size_class"])
     @triton.jit(do_not_specialize=["rows", "attend", "size_class"])
     def _decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_max, sqb, sqh, sknb, sknh, svnb,
                        svnh, skb, skh, sks, svb, svh, svs, sob, soh, H, rows, attend, size_class, D: tl.constexpr,
-                       BLOCK: tl.constexpr, PREFETCH: tl.constexpr, LAZY: tl.constexpr, DOT: tl.constexpr):
+                       BLOCK: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr):
         pid = tl.program_id(0)
         b = (pid // H).to(tl.int64)  # 64-bit offsets: one layer's cache can pass 2^31 bytes (2496 x 16 x 545 x 128)
         h = pid % H
@@ -219,39 +221,41 @@ def _build_kernel():
         in_cache = (w + 0 * d) < rows  # [D]
         tl.store(K + b * skb + h * skh + w * sks + d, kn, mask=in_cache)
         tl.store(V + b * svb + h * svh + w * svs + d, vn, mask=in_cache)
-        q = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32) * qk_scale  # log2 units: exp2 below
+        q_in = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32)
+        q = q_in * qk_scale  # log2 units: exp2 below
         # older rows: 0 .. min(w, attend) - 1, read from the cache (never the row written above)
         n_old = tl.minimum(w, attend)
         k_rows = K + b * skb + h * skh + d[None, :]
         v_rows = V + b * svb + h * svh + d[None, :]
         if DOT:
-            qb = (tl.zeros((16, D), tl.float32) + q[None, :]).to(tl.bfloat16)
+            if DOT == 2:  # the query unscaled (an fp16 of the scaled one could underflow), scaled in fp32 after
+                qb = (tl.zeros((16, D), tl.float32) + q_in[None, :]).to(tl.float16)
+                s_scale = qk_scale
+            else:
+                qb = (tl.zeros((16, D), tl.float32) + q[None, :]).to(tl.bfloat16)
+                s_scale = 1.0
             m_r = tl.full((16,), -1e30, tl.float32)
             l_r = tl.zeros((16,), tl.float32)
             acc_r = tl.zeros((16, D), tl.float32)
             for start in range(0, n_old, BLOCK):
                 n = start + tl.arange(0, BLOCK)
                 keep = n < n_old
-                k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0).to(tl.bfloat16)
-                v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0).to(tl.bfloat16)
-                s = tl.where(keep[None, :], tl.dot(qb, tl.trans(k)), float("-inf"))  # [16, BLOCK], rows alike
+                k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0).to(qb.dtype)
+                v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0).to(qb.dtype)
+                s = tl.where(keep[None, :], tl.dot(qb, tl.trans(k)) * s_scale, float("-inf"))  # [16, BLOCK], rows alike
                 m_new = tl.maximum(m_r, tl.max(s, axis=1))
                 alpha = tl.exp2(m_r - m_new)
                 p = tl.exp2(s - m_new[:, None])
-                acc_r = acc_r * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+                acc_r = acc_r * alpha[:, None] + tl.dot(p.to(qb.dtype), v)
                 l_r = l_r * alpha + tl.sum(p, axis=1)
                 m_r = m_new
             m_i = tl.max(m_r, axis=0)
             acc = tl.sum(acc_r, axis=0) * (1.0 / 16)  # the 16 rows are copies of one
             l_i = tl.sum(l_r, axis=0) * (1.0 / 16)
         else:
-            m_i = tl.full((), -1e30, tl.float32)
-            if LAZY:
-                l_rows = tl.zeros((BLOCK,), tl.float32)
-                acc_rows = tl.zeros((BLOCK, D), tl.float32)
-            else:
-                l_i = tl.full((), 0.0, tl.float32)
-                acc = tl.zeros((D,), tl.float32)
+            m_rows = tl.full((BLOCK,), -1e30, tl.float32)
+            l_rows = tl.zeros((BLOCK,), tl.float32)
+            acc_rows = tl.zeros((BLOCK, D), tl.float32)
             if PREFETCH:
                 first = tl.arange(0, BLOCK)
                 k_next = tl.load(k_rows + first[:, None] * sks, mask=(first < n_old)[:, None], other=0.0)
@@ -267,21 +271,17 @@ def _build_kernel():
                 else:
                     k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0)
                     v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0)
-                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                alpha = tl.exp2(m_i - m_new)
+                s = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+                m_new = tl.maximum(m_rows, s)  # per slot: no reduction across the tile
+                alpha = tl.exp2(m_rows - m_new)
                 p = tl.exp2(s - m_new)
-                if LAZY:
-                    acc_rows = acc_rows * alpha + p[:, None] * v.to(tl.float32)
-                    l_rows = l_rows * alpha + p
-                else:
-                    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-                    l_i = l_i * alpha + tl.sum(p, axis=0)
-                m_i = m_new
-            if LAZY:
-                acc = tl.sum(acc_rows, axis=0)
-                l_i = tl.sum(l_rows, axis=0)
+                acc_rows = acc_rows * alpha[:, None] + p[:, None] * v.to(tl.float32)
+                l_rows = l_rows * alpha + p
+                m_rows = m_new
+            m_i = tl.max(m_rows, axis=0)
+            merge = tl.exp2(m_rows - m_i)
+            acc = tl.sum(acc_rows * merge[:, None], axis=0)
+            l_i = tl.sum(l_rows * merge, axis=0)
         # the new row itself, when it is among the attended rows
         s_new = tl.where(w < attend, tl.sum(kn.to(tl.float32) * q, axis=0), float("-inf"))
         m_new = tl.maximum(m_i, s_new)

@@ -370,6 +370,55 @@ def test_compiled_fp8_decode_step_works_on_the_given_cache_without_copying_it():
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2  # bf16 rounding upstream
 
 
+def test_fused_fp8_decode_kernel_computes_what_the_pytorch_ops_do_in_the_triton_interpreter():
+    """Each configuration of the Triton decode kernel, run by Triton's CPU interpreter (in a process of
+    its own: TRITON_INTERPRET must be set before Triton is imported), against `_reference` in fp32,
+    the PyTorch ops of the same quantized arithmetic; see `_interpreted_decode_kernel_check`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA builds of PyTorch)")
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", "import test_quantize as t; t._interpreted_decode_kernel_check()"],
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["checked", "3", "configurations"]
+
+
+@torch.no_grad()
+def _interpreted_decode_kernel_check() -> None:
+    """Ragged lengths over more than one tile, an empty sequence, a row written past the attended
+    ones, strided caches: the output within bf16 rounding, the written rows bit for bit. The new keys
+    and values are E4M3 values times the scales, so quantizing them is exact: the interpreter's
+    float -> E4M3 cast (triton 3.9) rounds some values next to a power of two to the wrong neighbour,
+    which the GPU does not. The bf16 tensor-core form is left out: the interpreter's bf16 matrix
+    products came out wrong (on the GPU `_decode_kernel_agrees` runs every configuration)."""
+    from blockrt.runtime import fp8_kv
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, S, D, k_scale, v_scale = 5, 2, 70, 32, 0.5, 0.25
+    q = torch.randn(B, H, 1, D, generator=gen).to(torch.bfloat16)
+    k, v = ((torch.randn(B, H, 1, D, generator=gen).to(torch.float8_e4m3fn).float() * s).to(torch.bfloat16)
+            for s in (k_scale, v_scale))
+    caches = [torch.randn(B, H, S + 3, D, generator=gen).to(torch.float8_e4m3fn)[:, :, :S + 2] for _ in range(2)]
+    write_index = torch.tensor([69, 4, 0, 33, 71])  # the last one past the 70 attended rows
+    want_caches = [c.clone() for c in caches]
+    want = fp8_kv._reference(q.float(), k.float(), v.float(), *want_caches, write_index, S, k_scale, v_scale, 0.5)
+    configs = [c for c in fp8_kv._kernel().configs if c.kwargs["DOT"] != 1]
+    assert {c.kwargs["DOT"] for c in configs} == {0, 2}
+    for config in configs:
+        got_caches = [c.clone() for c in caches]
+        got = fp8_kv._fused(q, k, v, *got_caches, write_index, S, k_scale, v_scale, 0.5, config=config).float()
+        assert float((got - want).norm() / want.norm()) < 2.5e-3, config  # 2.0e-3: the outputs rounded to bf16
+        for a, b in zip(got_caches, want_caches):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), config
+    print("checked", len(configs), "configurations")
+
+
 # ------------------------------------------------------------ PyTorch engine kernels (CPU and CUDA)
 
 @pytest.mark.parametrize("form", ["rowwise-fast", "tensorwise-fast", "rowwise", "tensorwise"])
