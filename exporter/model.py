@@ -48,8 +48,8 @@ def matmul_attention(q, k, v, mask, scale: float):
 class Attention(nn.Module):
     decode_math = False  # set by the PyTorch engine on the token decoder: attention over its few cached rows
     kv_quant = None  # set by the PyTorch engine for an FP8 KV cache: stores k/v quantized and attends
-    small_cache_kernel = None  # set by the PyTorch engine on CUDA with decode_math: one fused kernel for it
-    # (blockrt.runtime.small_attention; the compiled steps, which run only on CUDA with Triton, use it too)
+    small_cache_kernel = None  # set by the PyTorch engine on CUDA with decode_math: rotary, the cache write and
+    # the attention over the few cached rows in one kernel (blockrt.runtime.small_attention; eager and compiled)
 
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -62,26 +62,35 @@ class Attention(nn.Module):
         values of every position are still cached)."""
         B, T, C = x.shape
         # fused QKV is laid out per head: [B, T, H, 3 * D], not [B, T, 3, H, D]
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, H, T, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.kv_quant is not None:  # an FP8 KV cache (PyTorch engine: blockrt.runtime.fp8_kv)
-            y = self.kv_quant(q, k, v, mask, cache, layer, scale)
+        if self.small_cache_kernel is not None and self._small_cache_step(T, cache, mask):
+            keys, values = cache.keys[layer], cache.values[layer]
+            y = self.small_cache_kernel(qkv, cos, sin, keys, values, cache.write_index, scale)  # [B, T, H, D]
         else:
-            if cache is not None:
-                k, v = cache.update(layer, k, v)  # [B, H, S, D]
-            y = self.attend(q, k, v, mask, scale)
-        y = y.transpose(1, 2)  # [B, T, H, D]
+            q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [B, H, T, D]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.kv_quant is not None:  # an FP8 KV cache (PyTorch engine: blockrt.runtime.fp8_kv)
+                y = self.kv_quant(q, k, v, mask, cache, layer, scale)
+            else:
+                if cache is not None:
+                    k, v = cache.update(layer, k, v)  # [B, H, S, D]
+                y = self.attend(q, k, v, mask, scale)
+            y = y.transpose(1, 2)  # [B, T, H, D]
         if last_only:
             y, T = y[:, -1:], 1
         return self.dense(y.reshape(B, T, C))
 
+    def _small_cache_step(self, new: int, cache, mask) -> bool:
+        """Whether this step's attention is what `small_cache_kernel` computes: 1 or 2 new rows over
+        an in-place cache of at most 16, each query attending to every row up to its own."""
+        return (self.kv_quant is None and mask is not None and new <= 2 and isinstance(cache, ScatterCache)
+                and cache.inplace and cache.attend_len is None and cache.keys[0].shape[2] <= 16)
+
     def attend(self, q, k, v, mask, scale: float):
         compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # torch.compile, not ONNX export
         if self.decode_math and mask is not None and k.shape[-2] <= 16:
-            kernel = self.small_cache_kernel or matmul_attention
-            return kernel(q, k, v, mask, scale)
+            return matmul_attention(q, k, v, mask, scale)
         if compiling and mask is not None and q.dtype == torch.float32:
             # fp32 (exactness checks) with a mask leaves SDPA only its memory-efficient kernel; plain
             # matmuls keep the compiled fp32 path on kernels the bf16 path also uses

@@ -1,87 +1,80 @@
-"""Attention over the token decoder's few cached rows (L + 1 = 5) as one Triton kernel (CUDA).
+"""The token decoder's attention step over its few cached rows (L + 1 = 5) as one Triton kernel (CUDA).
 
 At batch ~1000 the token decoder's attention is tiny per sequence (1 or 2 queries against at most
-L + 1 keys per head) but runs for every (sequence, head): as batched matmuls it costs several
-launches of poorly shaped GEMMs, and Inductor's fused reductions of the same arithmetic took about
-45 us per layer on an H100 at batch 1216 (a fifth of the memory bandwidth; a first version of this
-kernel, one program per sequence and head with 3-D broadcasts, took 60 us). Here one program per
-sequence and group of heads
-loads each query, key and value row once (keys a query may not see are skipped), and does scores,
-softmax (online, fp32) and the weighted sum in registers. It is a `torch.library` custom op, so Inductor calls it from compiled steps and CUDA
-graphs capture it like any kernel; the PyTorch engine installs it on the token decoder's
+L + 1 keys per head) but runs for every (sequence, head). Compiled by Inductor, everything between
+the QKV projection and the output projection was three kernels per layer: rotary on q and k, the
+cache write of the new keys and values, and the attention (first Inductor's fused reductions, about
+45 us per layer on an H100 at batch 1216; then a Triton kernel of ours, 21 us), about 41 us in all.
+Here it is one (22.8 us per layer at batch 1216, bf16, block_main_b4_1.2b on an H100): one
+program per sequence and group of heads reads the new q, k, v straight from the projection's output
+(laid out per head), rotates q and k in registers, writes k and v into the cache rows at the
+sequence's write index, and attends (online softmax in fp32) over the older cached rows, loaded
+once each, and the new rows, kept in registers. It is a `torch.library` custom op that mutates the
+caches it is given, so Inductor calls it on the cache tensors themselves (no copy around it) and
+CUDA graphs capture it like any kernel; the PyTorch engine installs it on the token decoder's
 attentions (`Attention.small_cache_kernel`) on CUDA when Triton is present.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-MAX_ROWS = 16  # cached rows (keys) this kernel handles; the token decoder has L + 1
+from blockrt.exporter.cache import scatter_mask, write_rows
+from blockrt.exporter.model import apply_rotary, matmul_attention
+
+MAX_ROWS = 16  # cached rows this kernel handles; the token decoder has L + 1
+MAX_NEW = 2  # new positions per step: the token decoder feeds 2 (the prefix vectors), then 1
 
 
-@torch.library.custom_op("blockrt::small_cache_attention", mutates_args=())
-def small_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-    """q [B, H, T, D], k / v [B, H, S, D] (S <= MAX_ROWS), mask bool [B, 1, T, S] (True = attend)
-    -> [B, H, T, D] in v's dtype (laid out as [B, T, H, D], so merging the heads is a view)."""
+@torch.library.custom_op("blockrt::small_cache_decode", mutates_args=("k_cache", "v_cache"))
+def small_cache_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, write_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """One attention step of one layer over a small in-place cache. qkv [B, T, H, 3 * D] (the fused
+    projection, per head: q, k, v), cos / sin [B, 1, T, R] (rotary on the first R channels of each
+    head), k_cache / v_cache [B, H, S, D] (S <= MAX_ROWS, T <= MAX_NEW), write_index [B]: rotates q
+    and k, writes k and v at rows write_index[b] .. + T - 1 (in place; rows past S are not written)
+    and attends query t to rows 0 .. write_index[b] + t -> [B, T, H, D] in the cache's dtype."""
+    if qkv.is_cuda:
+        return fused(qkv, cos, sin, k_cache, v_cache, write_index, scale)
+    return reference(qkv, cos, sin, k_cache, v_cache, write_index, scale)
+
+
+@small_cache_decode.register_fake
+def _small_cache_decode_fake(qkv, cos, sin, k_cache, v_cache, write_index, scale):
+    B, T, H, D3 = qkv.shape
+    return qkv.new_empty(B, T, H, D3 // 3, dtype=v_cache.dtype)
+
+
+def reference(qkv, cos, sin, k_cache, v_cache, write_index, scale: float) -> torch.Tensor:
+    """`small_cache_decode` in PyTorch ops: the model's own attention step on an in-place cache."""
+    D = qkv.shape[-1] // 3
+    q, k, v = qkv.transpose(1, 2).split(D, dim=-1)  # each [B, H, T, D]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    write_rows(k_cache, k, write_index)
+    write_rows(v_cache, v, write_index)
+    mask = scatter_mask(write_index, q.shape[2], k_cache.shape[2])
+    return matmul_attention(q, k_cache, v_cache, mask, scale).transpose(1, 2).contiguous()
+
+
+def fused(qkv, cos, sin, k_cache, v_cache, write_index, scale: float) -> torch.Tensor:
+    """The Triton kernel (CUDA; on CPU tensors only under TRITON_INTERPRET=1)."""
     import triton
 
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty(B, T, H, D, dtype=v.dtype, device=q.device).transpose(1, 2)
-    mask = mask.expand(B, 1, T, S).view(torch.uint8)
+    B, T, H, D3 = qkv.shape
+    D, S, R = D3 // 3, k_cache.shape[2], cos.shape[-1]
+    if T > MAX_NEW or S > MAX_ROWS or qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"small_cache_decode: {T} new rows, {S} cached rows (at most {MAX_NEW} and {MAX_ROWS}), "
+                         "channels contiguous")
+    out = torch.empty(B, T, H, D, dtype=v_cache.dtype, device=qkv.device)
+    cos, sin = cos.expand(B, 1, T, R), sin.expand(B, 1, T, R)
     block_d = triton.next_power_of_2(D)
     block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_d))  # 8 heads of 128 per program
-    _kernel()[(B, triton.cdiv(H, block_h))](
-        q, k, v, mask, out, scale, H, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), T=T, S=S, BLOCK_H=block_h, BLOCK_D=block_d, D=D, num_warps=4)
+    from .small_attention_kernel import small_cache_kernel
+
+    small_cache_kernel[(B, triton.cdiv(H, block_h))](
+        qkv, cos, sin, k_cache, v_cache, write_index, out, scale, H,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T=T, S=S, R=R, BLOCK_H=block_h, BLOCK_D=block_d, D=D, num_warps=4)
     return out
-
-
-@small_cache_attention.register_fake
-def _small_cache_attention_fake(q, k, v, mask, scale):
-    B, H, T, D = q.shape
-    return q.new_empty(B, T, H, D, dtype=v.dtype).transpose(1, 2)
-
-
-@functools.cache
-def _kernel():
-    """The Triton kernel, built on first use (Triton is imported on CUDA only)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _small_cache_kernel(Q, K, V, M, O, scale, H, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, smb, smt, sms,
-                            sob, soh, sot, T: tl.constexpr, S: tl.constexpr, BLOCK_H: tl.constexpr,
-                            BLOCK_D: tl.constexpr, D: tl.constexpr):
-        # one sequence, BLOCK_H heads; queries and cached rows unrolled (T <= 2, S <= MAX_ROWS), online
-        # softmax in fp32; rows a query may not see are neither loaded nor counted
-        b = tl.program_id(0)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        inside = (h < H)[:, None] & (d < D)[None, :]
-        for t in tl.static_range(T):
-            q = tl.load(Q + b * sqb + h[:, None] * sqh + t * sqt + d[None, :], mask=inside, other=0.0).to(tl.float32)
-            top = tl.full([BLOCK_H], -1e30, tl.float32)
-            total = tl.zeros([BLOCK_H], tl.float32)
-            acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-            for s in tl.static_range(S):
-                keep = tl.load(M + b * smb + t * smt + s * sms + 0 * h) != 0  # [BLOCK_H], all alike
-                load = inside & keep[:, None]
-                k = tl.load(K + b * skb + h[:, None] * skh + s * sks + d[None, :], mask=load, other=0.0)
-                v = tl.load(V + b * svb + h[:, None] * svh + s * svs + d[None, :], mask=load, other=0.0)
-                score = tl.where(keep, tl.sum(q * k.to(tl.float32), axis=1) * scale, float("-inf"))
-                new_top = tl.maximum(top, score)
-                alpha = tl.exp(top - new_top)
-                p = tl.exp(score - new_top)
-                acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
-                total = total * alpha + p
-                top = new_top
-            out = acc / total[:, None]
-            tl.store(O + b * sob + h[:, None] * soh + t * sot + d[None, :], out.to(O.dtype.element_ty), mask=inside)
-
-    return _small_cache_kernel

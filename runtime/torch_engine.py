@@ -27,7 +27,7 @@ from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 from .engine import Engine
 from .inductor import CompiledStep, skip_reason, triton_kernels_run
 from .quant_kernels import prepare_quantized
-from .small_attention import small_cache_attention
+from .small_attention import small_cache_decode
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
             log.log(logging.INFO if compile else logging.DEBUG, "not compiling the steps: %s", reason)
         compile = reason is None
     prepare_quantized(model, manifest, directory, device, compiled=compile)
-    if isinstance(model, BlockTransformer):  # attention over the token decoder's L + 1 rows: one Triton
-        kernel = small_cache_attention if triton_kernels_run(device) else None  # kernel on CUDA
+    if isinstance(model, BlockTransformer):  # the token decoder's rotary, cache write and attention over its
+        kernel = small_cache_decode if triton_kernels_run(device) else None  # L + 1 rows: one Triton kernel on CUDA
         for module in model.token_decoder.modules():
             if isinstance(module, Attention):
                 module.decode_math, module.small_cache_kernel = True, kernel

@@ -79,25 +79,6 @@ def test_compiled_steps_serve_every_batch_bucket_and_context_without_recompiling
                              f"parting: {[i for i, (e, r) in enumerate(zip(eager, ref.tokens)) if e != r]}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("new", [1, 2])
-def test_small_cache_attention_kernel_matches_batched_matmuls(dtype, new):
-    from blockrt.exporter.cache import scatter_mask
-    from blockrt.exporter.model import matmul_attention
-    from blockrt.runtime.small_attention import small_cache_attention
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    B, H, S, D = 37, 4, 5, 128
-    q, k, v = (torch.randn(B, H, T, D, generator=gen, device="cuda").to(dtype) for T in (new, S, S))
-    write_index = torch.randint(0, S - new + 1, (B,), generator=gen, device="cuda")
-    mask = scatter_mask(write_index, new, S)
-    got = small_cache_attention(q, k, v, mask, 0.088)
-    want = matmul_attention(q, k, v, mask, 0.088)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                               atol=1e-5 if dtype == torch.float32 else 1e-2)
-
-
 def test_shapes_without_a_graph_run_padded_on_a_larger_one_with_the_reference_tokens():
     model = _model("tiny_block")
     config = GenerationConfig(max_new_tokens=160, ignore_eos=True)
