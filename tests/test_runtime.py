@@ -102,16 +102,18 @@ def test_stream_yields_exactly_the_tokens_of_generate(exported, preset):
 
 
 def test_generation_keeps_the_collector_off_the_heap_it_started_with_and_gives_it_back(exported):
-    """generate/stream freeze the objects that existed before them (gc.freeze), so a full collection
-    during generation does not walk the model; afterwards the heap is as before; a heap frozen by
-    someone else (a server's engine process) stays frozen."""
+    """generate/stream run with automatic collection off and the objects that existed before them
+    frozen (gc.freeze), so no full collection during generation walks the model; afterwards the
+    collector and the heap are as before; a heap frozen (or a collector disabled) by someone else
+    (a server's engine process) stays so."""
     import gc
 
     model = Model.load(exported("tiny_block"), backend="torch")
     config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
     assert gc.get_freeze_count() == 0
-    during = [gc.get_freeze_count() for _ in model.stream(RAGGED, config)]
-    assert during and min(during) > 0 and gc.get_freeze_count() == 0
+    during = [(gc.get_freeze_count(), gc.isenabled()) for _ in model.stream(RAGGED, config)]
+    assert during and all(frozen > 0 and not enabled for frozen, enabled in during)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
     # submission (a request per prompt) and the results (a token list each) allocate per request
     # too: an unfrozen full collection there walked the whole heap (4 x ~170 ms on an H200 run)
     frozen = {}
@@ -131,6 +133,12 @@ def test_generation_keeps_the_collector_off_the_heap_it_started_with_and_gives_i
         assert gc.get_freeze_count() > 0  # not unfrozen (objects freed meanwhile leave the count)
     finally:
         gc.unfreeze()
+    gc.disable()
+    try:
+        model.generate(RAGGED, config)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 def test_more_prompts_than_rows_queue_and_each_gets_its_own_tokens(exported):
     artifact = exported("tiny_block")
