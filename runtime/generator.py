@@ -225,9 +225,9 @@ class Generator:
         if self.rows or self.inflight:
             raise RuntimeError("capture_graphs needs a generator with no live rows")
         engines = list(self.engines.values())
-        before = sum(getattr(e, "captures", 0) for e in engines)
-        if not all(getattr(e, "cuda_graphs", False) for e in engines):
+        if not all(getattr(e, "cuda_graphs", False) for e in engines):  # only the PyTorch engine captures
             return 0
+        before = sum(e.captures for e in engines)
         n = _batch_bucket(self.capacity, self.capacity) if self.pad_rows else self.capacity
         main = self.engines["block_decoder" if self.block else "decoder"]
         new_ids = torch.zeros(n, self.L, dtype=torch.long, device=self.device)

@@ -117,10 +117,15 @@ def test_generation_keeps_the_collector_off_the_heap_it_started_with_and_gives_i
     # submission (a request per prompt) and the results (a token list each) allocate per request
     # too: an unfrozen full collection there walked the whole heap (4 x ~170 ms on an H200 run)
     frozen = {}
+
+    def recording(name, fn):  # fn, noting the frozen objects' count at its first call
+        def call(*args):
+            frozen.setdefault(name, gc.get_freeze_count())
+            return fn(*args)
+        return call
+
     gen = model.generator()
-    add, result = gen.add, model._result
-    gen.add = lambda *a: frozen.setdefault("add", gc.get_freeze_count()) and add(*a)
-    model._result = lambda *a: frozen.setdefault("result", gc.get_freeze_count()) and result(*a)
+    gen.add, model._result = recording("add", gen.add), recording("result", model._result)
     try:
         model.generate(RAGGED, config)
     finally:

@@ -115,6 +115,7 @@ def command(model, backend, dtype, workload, prompt_len, gen_len, batch, against
     batch_specs = [batch] + [against_batch[i] if i < len(against_batch) else batch for i in range(len(against))]
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
+
     def save_so_far(results, hw) -> None:  # a long bench stopped midway keeps what it measured
         _write(out, to_json(results, hw, []))
 
@@ -151,13 +152,14 @@ def _bench_serve(model, backend, dtype, device, devices, data_parallel, clients,
     from blockrt.runtime.bench import environment
 
     results = []
+    data = {"environment": environment(), "results": results}
     for count in counts:
         results.append(bench_serve(specs, count, requests, prompt_len, gen_len, client_processes, offline,
                                    http_workers, trace_dir))
         log.info("%d streams: %s", count, format_serve(results[-1:]))  # also in the log, in case a later one fails
         if out:  # saved after every stream count: a run stopped midway keeps the ones it measured
-            _write(out, {"environment": environment(), "results": results})
-    if _saved({"environment": environment(), "results": results}, out, as_json):
+            _write(out, data)
+    if _saved(data, out, as_json):
         return
     click.echo(f"{specs[0].describe()}, prompt {prompt_len}, {gen_len} new tokens (EOS ignored), "
                f"{requests} requests per stream")
