@@ -33,11 +33,13 @@ from blockrt.graphs.manifest import Manifest
 from blockrt.parsing import parse_int_list
 
 from .engine import SPEC_DTYPES
+from .kernel_profile import format_step_kernels, profile_kernels
 from .tracing import Trace, step_summary
 
 log = logging.getLogger(__name__)
 
 WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
+PROFILE_TOKENS = 16  # tokens a profiled generation makes (4 rounds of a block model), after its prefill
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -87,6 +89,7 @@ class BenchResult:
     graphs_captured: int | None = None  # CUDA graphs captured during the measured run (0 after a good warm-up)
     gc_ms: float | None = None  # time in Python's garbage collector during the measured run
     gc_full: int | None = None  # full collections among them
+    kernels: list[dict] | None = None  # --profile: per step, its kernels per call (kernel_profile.StepKernels)
 
 
 def environment() -> dict:
@@ -191,26 +194,6 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
                        host_overhead=max(0.0, 1 - busy_ms / 1e3 / wall) if timings else None, steps=steps,
                        step_host_ms=summary.get("host_ms"), step_wait_ms=summary.get("device_wait_ms"),
                        graphs_captured=captured, gc_ms=summary["gc_ms"], gc_full=summary["gc_full"])
-
-
-def profile_kernels(model, batch: int, prompt_len: int, gen_len: int, rows: int = 30, trace: Path | None = None) -> str:
-    """The heaviest GPU kernels of a short generation, from torch.profiler (after a warm-up);
-    `trace`: also save its timeline there (Chrome trace JSON, gzipped if the name ends in .gz: host
-    calls and GPU kernels, for Perfetto or chrome://tracing). The profiler stays attached to CUDA
-    after it stops (Kineto leaves CUPTI initialized: pytorch/pytorch#144455), which slowed every
-    later run of the process on an H100 (prefill-heavy host overhead 7.9% -> 23.7%), so `run_bench`
-    profiles after each measured run, and runs measured after a profile are marked."""
-    from torch.profiler import ProfilerActivity, profile
-
-    prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
-    config = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
-    model.generate(prompts, config)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=trace is not None) as prof:
-        model.generate(prompts, config)
-    if trace is not None:
-        prof.export_chrome_trace(str(trace))
-        log.info("timeline saved to %s", trace)
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def _add_floors(steps: dict[str, StepStats], model, batch: int, prompt_len: int, gen_len: int, hw: Hardware) -> None:
@@ -592,8 +575,12 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
                                             "which stays attached to CUDA (marked 'after profile')")
                             profiled = dev.type == "cuda"
                             trace = None if trace_dir is None else trace_dir / _trace_name(label, name, batch)
-                            log.info("kernel profile of %s, batch %d:\n%s", label, batch,
-                                     profile_kernels(model, batch, prompt_len, min(gen_len, 16), trace=trace))
+                            prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
+                            table, per_step = profile_kernels(model, prompts, min(gen_len, PROFILE_TOKENS), trace=trace)
+                            log.info("kernel profile of %s, batch %d, prompt %d, %d tokens:\n%s\nper step:\n%s", label,
+                                     batch, prompt_len, min(gen_len, PROFILE_TOKENS), table,
+                                     format_step_kernels(per_step))
+                            r.kernels = [asdict(k) for k in per_step]
                 except torch.OutOfMemoryError:
                     log.warning("%s: batch %d does not fit in GPU memory, skipped", target.spec, batch)
                     continue

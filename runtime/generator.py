@@ -126,6 +126,10 @@ def _batch_bucket(n: int, capacity: int) -> int:
 
 
 class Generator:
+    # what `record_timings` and `annotate_steps` name: prompt prefills, the main decoder's decode
+    # steps (a block model's block decoder, a vanilla model's decoder), token steps, sampling
+    STEP_NAMES = ("prefill", "block_decoder", "decoder", "token_decoder", "sampling")
+
     def __init__(self, manifest: Manifest, engines: dict[str, Engine], capacity: int, device: torch.device,
                  pad_rows: bool = False, prefill_budget: int = 65536):
         self.manifest, self.engines, self.capacity, self.device = manifest, engines, capacity, device
@@ -135,6 +139,7 @@ class Generator:
         self.pad_rows = pad_rows
         self.prefill_budget = prefill_budget  # prompt positions (blocks or tokens) per prefill call
         self._timings: dict[str, list] | None = None  # see record_timings
+        self._annotate = False  # see annotate_steps
         self.round_tokens = self.L if self.block else VANILLA_ROUND
         self.cache_len = manifest.limits.cache_len
         self.max_context = manifest.limits.max_context
@@ -213,6 +218,16 @@ class Generator:
             yield timings
         finally:
             self._timings = None
+
+    @contextlib.contextmanager
+    def annotate_steps(self) -> Iterator[None]:
+        """Within the block, every engine step and sampling runs inside a `torch.profiler`
+        `record_function` range named as in `STEP_NAMES` (for `blockrt.runtime.kernel_profile`)."""
+        self._annotate = True
+        try:
+            yield
+        finally:
+            self._annotate = False
 
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of full-batch decode steps (the token steps, and the main step for
@@ -336,18 +351,25 @@ class Generator:
         self.past[start:start + k] = new_len
         self.generated[start:start + k] = 0
         caches = [c[start:start + k] for c in self.caches]
-        first = self._main_step(ids, zero, new_len, caches, attend_len=max(units))  # causal prefill
+        first = self._main_step(ids, zero, new_len, caches, attend_len=max(units), label="prefill")  # causal
         (self.prefix if self.block else self.logits)[start:start + k] = first
         self.rows += joining
         self.row_past += units
         self.row_launched += [0] * k
 
-    def _main_step(self, ids, past, new_len, caches, attend_len):
+    def _main_step(self, ids, past, new_len, caches, attend_len, label: str | None = None):
         name = "block_decoder" if self.block else "decoder"
-        return self._timed(name, self.engines[name], [ids, past, new_len], caches, attend_len=attend_len)
+        return self._timed(label or name, self.engines[name], [ids, past, new_len], caches, attend_len=attend_len)
 
     def _timed(self, name: str, fn, *args, **kwargs):
-        """Call fn; when profiling, bracket its device work with CUDA events under `name`."""
+        """Call fn; when timing (`record_timings`), bracket its device work with CUDA events under
+        `name`; when annotating (`annotate_steps`), name its host range for the profiler."""
+        if self._annotate:
+            with torch.profiler.record_function(name):
+                return self._events(name, fn, *args, **kwargs)
+        return self._events(name, fn, *args, **kwargs)
+
+    def _events(self, name: str, fn, *args, **kwargs):
         if self._timings is None:
             return fn(*args, **kwargs)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

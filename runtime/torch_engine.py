@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from blockrt.exporter.config import TORCH_DTYPES
-from blockrt.exporter.model import Attention, BlockTransformer, build_model
+from blockrt.exporter.model import MLP, Attention, BlockTransformer, build_model
 from blockrt.exporter.steps import step_modules
 from blockrt.graphs.manifest import WEIGHTS_NAME, ArtifactError, Manifest
 
@@ -183,6 +183,10 @@ def load_torch_engines(manifest: Manifest, directory, device: torch.device, mode
         for module in model.token_decoder.modules():
             if isinstance(module, Attention):
                 module.decode_math, module.small_cache_kernel = True, kernel
+    if device.type == "cuda" and manifest.dtype in ("bf16", "fp16"):  # fp32 (exactness checks) keeps erf GELU
+        for module in model.modules():
+            if isinstance(module, MLP) and type(module.dense_h_to_4h) is torch.nn.Linear:  # not a QuantLinear
+                module.gelu_epilogue = True
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and cuda_graphs else None
     steps = step_modules(model, "inplace", inplace=True, positions=manifest.positions)
     engines = {}

@@ -126,3 +126,29 @@ def test_bf16_runtime_tokens_are_top_choices_of_the_fp32_reference():
 @compiled
 def test_compiled_bf16_runtime_tokens_are_top_choices_of_the_fp32_reference_1_2b():
     assert_bf16_tokens_are_reference_top_choices("block_main_b4_1.2b", "cuda", compile=True)
+
+
+def test_mlp_gelu_epilogue_errs_no_more_than_bf16_rounding():
+    """The engine's bf16 MLPs put bias and GELU in the up-projection's cuBLASLt epilogue (tanh GELU):
+    against the fp32 exact-GELU MLP it must err about as the plain bf16 MLP does, and not compute
+    the same as without a bias (an epilogue that dropped it)."""
+    from blockrt.exporter.model import MLP
+
+    cfg = get_preset("block_main_b4_1.2b").token_decoder
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        mlp = MLP(cfg)
+        torch.nn.init.normal_(mlp.dense_h_to_4h.bias, std=0.5)
+        x = torch.randn(300, 2, cfg.hidden_size)
+    want = mlp(x)
+    plain = mlp.to(torch.bfloat16)(x.bfloat16()).float()
+    mlp.gelu_epilogue = True
+    fused = mlp(x.bfloat16()).float()
+
+    def rel(y):
+        return float((y - want).norm() / want.norm())
+
+    assert rel(fused) < 1.5 * rel(plain) + 1e-3, (rel(fused), rel(plain))
+    with torch.no_grad():
+        mlp.dense_h_to_4h.bias.zero_()
+    assert rel(mlp(x.bfloat16()).float()) > 10 * rel(fused)
