@@ -114,6 +114,11 @@ def collector_off_the_heap() -> Iterator[None]:
         yield
     finally:
         if froze:
+            # what generation made and keeps (the results) joins the old heap on its way back, so the
+            # collector, once on again, does not walk it at the caller's next allocation: that walk was
+            # 0.45 s of an H100 run's 22.1 s (fp8 + FP8 KV cache, 2368 rows x 2048 tokens), every row's
+            # tokens, with the GPU idle
+            gc.freeze()
             gc.unfreeze()
         if enabled:
             gc.enable()

@@ -132,6 +132,11 @@ def test_generation_keeps_the_collector_off_the_heap_it_started_with_and_gives_i
         del gen.add, model._result
     assert frozen["add"] > 0 and frozen["result"] > 0
     assert gc.get_freeze_count() == 0
+    # what generation made and returns is not left to the young generation, whose collection (at
+    # the caller's next allocations) would walk every token list
+    results = model.generate(RAGGED, config)
+    young = {id(o) for o in gc.get_objects(generation=0)}
+    assert not any(id(r) in young or id(r.token_ids) in young for r in results)
     gc.freeze()
     try:
         model.generate(RAGGED, config)
