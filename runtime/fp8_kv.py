@@ -105,12 +105,16 @@ def _decode_kernel_agrees(device: torch.device, stack_config) -> bool:
     agree, failures = [], []
     for config in tuner.configs:
         mine = [c.clone() for c in caches]
+        for c in mine:  # rows past sequence 1's own (0 .. 4) may hold any bytes: NaN must not leak in
+            c[1, :, 5:].view(torch.uint8).fill_(0x7F)  # NaN in E4M3
         try:
             got = _fused(q, k, v, *mine, write_index, S, 0.5, 0.25, 0.1, config=config).float()
         except Exception as e:  # Triton compile or launch errors have no common base class
             failures.append(f"{config.kwargs}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         rel = float((got - want).norm() / want.norm())
+        for a, b in zip(mine, want_caches):
+            a[1, :, 5:] = b[1, :, 5:]  # the NaN rows (not written by the step) back, to compare the rest
         # the written rows: equal, give or take one E4M3 step (1/8) where a rounding tie broke another way
         written = all(torch.allclose(a.float(), b.float(), rtol=0.13, atol=2 ** -9) for a, b in zip(mine, want_caches))
         if rel < 2e-2 and written:
@@ -184,7 +188,6 @@ def _kernel():
 
 def _build_kernel():
     import triton
-    import triton.language as tl
 
     # Two ways to attend, each in the configurations that won somewhere on an H100 (block_main_b4_1.2b's
     # 16 heads of 128 at batch 2368, 48 to 540 cached rows; README "FP8 KV cache"). Every
@@ -196,6 +199,10 @@ def _build_kernel():
     # - DOT = 1 / 2, tensor cores: both products as matrix products (16 copies of the query row) in
     #   bf16 / fp16 (fp16 holds every E4M3 value, and the probabilities with 3 more mantissa bits), which
     #   lets Triton pipeline the tile loads through shared memory (`num_stages`).
+    # In both, the first tile is loaded before the write index is known (masked by `attend`, the rows
+    # every sequence may have), so that a program's first bytes are in flight at once instead of
+    # after the index's load: with ~38k short programs (one per sequence and head) that wait was a
+    # fixed cost per call. Rows of that tile past the sequence's own are masked once the index is in.
     # The lengths are not specialized, so the kernels compiled for the check serve every context; the
     # strides are (multiples of 16 bytes, so the rows load 16 bytes at a time).
     configs = [triton.Config({"BLOCK": 32, "PREFETCH": 1, "DOT": 0}, num_warps=2, num_stages=1),
@@ -203,93 +210,6 @@ def _build_kernel():
                triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 1}, num_warps=4, num_stages=3),
                triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 2}, num_warps=4, num_stages=3)]
 
-    @triton.autotune(configs=configs, key=["D", "size_class"])
-    @triton.jit(do_not_specialize=["rows", "attend", "size_class"])
-    def _decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_max, sqb, sqh, sknb, sknh, svnb,
-                       svnh, skb, skh, sks, svb, svh, svs, sob, soh, H, rows, attend, size_class, D: tl.constexpr,
-                       BLOCK: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr):
-        pid = tl.program_id(0)
-        b = (pid // H).to(tl.int64)  # 64-bit offsets: one layer's cache can pass 2^31 bytes (2496 x 16 x 545 x 128)
-        h = pid % H
-        d = tl.arange(0, D)
-        w = tl.load(W + b).to(tl.int32)
-        # the new row: quantized, written at row w (unless past the cache), and used from registers
-        kn = tl.load(KN + b * sknb + h * sknh + d).to(tl.float32) * k_inv
-        vn = tl.load(VN + b * svnb + h * svnh + d).to(tl.float32) * v_inv
-        kn = tl.minimum(tl.maximum(kn, -fp8_max), fp8_max).to(tl.float8e4nv)
-        vn = tl.minimum(tl.maximum(vn, -fp8_max), fp8_max).to(tl.float8e4nv)
-        in_cache = (w + 0 * d) < rows  # [D]
-        tl.store(K + b * skb + h * skh + w * sks + d, kn, mask=in_cache)
-        tl.store(V + b * svb + h * svh + w * svs + d, vn, mask=in_cache)
-        q_in = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32)
-        q = q_in * qk_scale  # log2 units: exp2 below
-        # older rows: 0 .. min(w, attend) - 1, read from the cache (never the row written above)
-        n_old = tl.minimum(w, attend)
-        k_rows = K + b * skb + h * skh + d[None, :]
-        v_rows = V + b * svb + h * svh + d[None, :]
-        if DOT:
-            if DOT == 2:  # the query unscaled (an fp16 of the scaled one could underflow), scaled in fp32 after
-                qb = (tl.zeros((16, D), tl.float32) + q_in[None, :]).to(tl.float16)
-                s_scale = qk_scale
-            else:
-                qb = (tl.zeros((16, D), tl.float32) + q[None, :]).to(tl.bfloat16)
-                s_scale = 1.0
-            m_r = tl.full((16,), -1e30, tl.float32)
-            l_r = tl.zeros((16,), tl.float32)
-            acc_r = tl.zeros((16, D), tl.float32)
-            for start in range(0, n_old, BLOCK):
-                n = start + tl.arange(0, BLOCK)
-                keep = n < n_old
-                k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0).to(qb.dtype)
-                v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0).to(qb.dtype)
-                s = tl.where(keep[None, :], tl.dot(qb, tl.trans(k)) * s_scale, float("-inf"))  # [16, BLOCK], rows alike
-                m_new = tl.maximum(m_r, tl.max(s, axis=1))
-                alpha = tl.exp2(m_r - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                acc_r = acc_r * alpha[:, None] + tl.dot(p.to(qb.dtype), v)
-                l_r = l_r * alpha + tl.sum(p, axis=1)
-                m_r = m_new
-            m_i = tl.max(m_r, axis=0)
-            acc = tl.sum(acc_r, axis=0) * (1.0 / 16)  # the 16 rows are copies of one
-            l_i = tl.sum(l_r, axis=0) * (1.0 / 16)
-        else:
-            m_rows = tl.full((BLOCK,), -1e30, tl.float32)
-            l_rows = tl.zeros((BLOCK,), tl.float32)
-            acc_rows = tl.zeros((BLOCK, D), tl.float32)
-            if PREFETCH:
-                first = tl.arange(0, BLOCK)
-                k_next = tl.load(k_rows + first[:, None] * sks, mask=(first < n_old)[:, None], other=0.0)
-                v_next = tl.load(v_rows + first[:, None] * svs, mask=(first < n_old)[:, None], other=0.0)
-            for start in range(0, n_old, BLOCK):
-                n = start + tl.arange(0, BLOCK)
-                keep = n < n_old
-                if PREFETCH:
-                    k, v = k_next, v_next
-                    after = n + BLOCK
-                    k_next = tl.load(k_rows + after[:, None] * sks, mask=(after < n_old)[:, None], other=0.0)
-                    v_next = tl.load(v_rows + after[:, None] * svs, mask=(after < n_old)[:, None], other=0.0)
-                else:
-                    k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0)
-                    v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0)
-                s = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
-                m_new = tl.maximum(m_rows, s)  # per slot: no reduction across the tile
-                alpha = tl.exp2(m_rows - m_new)
-                p = tl.exp2(s - m_new)
-                acc_rows = acc_rows * alpha[:, None] + p[:, None] * v.to(tl.float32)
-                l_rows = l_rows * alpha + p
-                m_rows = m_new
-            m_i = tl.max(m_rows, axis=0)
-            merge = tl.exp2(m_rows - m_i)
-            acc = tl.sum(acc_rows * merge[:, None], axis=0)
-            l_i = tl.sum(l_rows * merge, axis=0)
-        # the new row itself, when it is among the attended rows
-        s_new = tl.where(w < attend, tl.sum(kn.to(tl.float32) * q, axis=0), float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        alpha = tl.exp2(m_i - m_new)
-        p_new = tl.exp2(s_new - m_new)
-        acc = acc * alpha + p_new * vn.to(tl.float32)
-        l_i = l_i * alpha + p_new
-        out = acc * (v_scale / l_i)
-        tl.store(O + b * sob + h * soh + d, out.to(O.dtype.element_ty))
+    from .fp8_kv_kernel import decode_kernel
 
-    return _decode_kernel
+    return triton.autotune(configs=configs, key=["D", "size_class"])(decode_kernel)

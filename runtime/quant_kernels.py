@@ -99,6 +99,18 @@ def _quant_kernel():
     return _QUANT_KERNEL[0]
 
 
+ONES_ROWS = 65536  # rows of the shared ones column (a prefill of the default budget fits)
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def ones_column(rows: int, device: torch.device) -> torch.Tensor:
+    """A [rows, 1] fp32 column of ones: a view of one buffer per device, grown when a call needs more."""
+    ones = _ONES.get(device)
+    if ones is None or ones.shape[0] < rows:
+        ones = _ONES[device] = torch.ones(max(rows, ONES_ROWS), 1, dtype=torch.float32, device=device)
+    return ones[:rows]
+
+
 class _Fp8:
     """y = (x_q @ w_q) * x_scale * w_scale + bias on FP8 tensor cores (`torch._scaled_mm`), the
     activation quantized with its calibrated per-tensor scale. Four forms compute it: `rowwise`
@@ -114,7 +126,12 @@ class _Fp8:
     def __init__(self, layer: QuantLinear, form: str = "rowwise-fast"):
         self.layer = layer
         self.weight = layer.qweight.t().contiguous().t()  # column-major [K, N], as _scaled_mm wants
-        self.w_scale = layer.weight_scale.float().reshape(1, -1).contiguous()
+        # rowwise: the activation's per-tensor scale folded into the per-channel one, so that the
+        # per-row scale is a slice of a ones column (no kernel to build it: a [rows, 1] tensor made per
+        # GEMM was 4 kernels per layer and step, which Inductor also fused into the producers of the
+        # activations, slowing them)
+        self.w_scale = (layer.input_scale.float() * layer.weight_scale.float()).reshape(1, -1).contiguous()
+        self.ones = ones_column(ONES_ROWS, layer.qweight.device)
         self.w_scale_out = layer.weight_scale.reshape(-1)  # in the model dtype, for the tensorwise output
         self.inv_scale = (1.0 / layer.input_scale.float()).reshape(1)
         self.x_scale = layer.input_scale.float().reshape(())
@@ -142,9 +159,10 @@ class _Fp8:
         """The `_scaled_mm` call alone: the whole layer (rowwise), or all but the per-channel scale and
         the bias (tensorwise)."""
         if self.rowwise:
-            return torch._scaled_mm(xq, self.weight, scale_a=self.x_scale.expand(xq.shape[0], 1).contiguous(),
-                                    scale_b=self.w_scale, bias=self.layer.bias, out_dtype=dtype,
-                                    use_fast_accum=self.fast)
+            if xq.shape[0] > self.ones.shape[0]:  # a prefill past ONES_ROWS (eager)
+                self.ones = ones_column(xq.shape[0], xq.device)
+            return torch._scaled_mm(xq, self.weight, scale_a=self.ones[:xq.shape[0]], scale_b=self.w_scale,
+                                    bias=self.layer.bias, out_dtype=dtype, use_fast_accum=self.fast)
         return torch._scaled_mm(xq, self.weight, scale_a=self.x_scale, scale_b=self.one, out_dtype=dtype,
                                 use_fast_accum=self.fast)
 
