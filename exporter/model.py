@@ -69,10 +69,10 @@ class Attention(nn.Module):
             y = self.small_cache_kernel(qkv, cos, sin, keys, values, cache.write_index, scale)  # [B, T, H, D]
         else:
             q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [B, H, T, D]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if self.kv_quant is not None:  # an FP8 KV cache (PyTorch engine: blockrt.runtime.fp8_kv)
-                y = self.kv_quant(q, k, v, mask, cache, layer, scale)
+            if self.kv_quant is not None:  # an FP8 KV cache (PyTorch engine: blockrt.runtime.fp8_kv), rotary included
+                y = self.kv_quant(q, k, v, cos, sin, mask, cache, layer, scale)
             else:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
                 if cache is not None:
                     k, v = cache.update(layer, k, v)  # [B, H, S, D]
                 y = self.attend(q, k, v, mask, scale)

@@ -34,7 +34,7 @@ from blockrt.parsing import parse_int_list
 
 from .engine import SPEC_DTYPES
 from .kernel_profile import format_step_kernels, profile_kernels
-from .tracing import Trace, step_summary
+from .tracing import SLOW_COLLECTION_S, Trace, step_summary
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,9 @@ def bench_blockrt(model, name: str, batch: int, prompt_len: int, gen_len: int, h
         t1, recorded = time.perf_counter(), trace.stop()
     wall = t1 - t0
     summary = step_summary(recorded, t0, t1, batch)
+    for stack in summary["gc_slow_stacks"][:3]:
+        log.info("%s: a garbage collection over %.0f ms in the measured run, from:\n%s", name,
+                 1e3 * SLOW_COLLECTION_S, stack)
     captured = sum(e.captures for e in model.engines.values()) - captured
     assert all(len(o.token_ids) == gen_len for o in outputs), "a sequence stopped early with EOS ignored"
     steps, busy_ms = {}, 0.0

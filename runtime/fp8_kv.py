@@ -23,7 +23,7 @@ import logging
 import torch
 
 from blockrt.exporter.cache import ScatterCache, write_rows
-from blockrt.exporter.model import Attention
+from blockrt.exporter.model import Attention, apply_rotary
 from blockrt.exporter.qlinear import FP8_MAX
 
 from .inductor import triton_kernels_run
@@ -41,17 +41,20 @@ class Fp8KV:
         self.amax = [0.0, 0.0]
         self.fused = False  # decode steps through `fp8_kv_decode` (set when the scales are)
 
-    def __call__(self, q, k, v, mask, cache, layer: int, scale: float):
+    def __call__(self, q, k, v, cos, sin, mask, cache, layer: int, scale: float):
+        """Attention of q, k, v (before rotary: cos / sin [B, 1, T, R]) over the layer's cache."""
+        if (self.scales is not None and self.fused and q.shape[2] == 1 and isinstance(cache, ScatterCache)
+                and cache.inplace):
+            keys, values = cache.keys[layer], cache.values[layer]
+            attend = keys.shape[2] if cache.attend_len is None else cache.attend_len
+            return fp8_kv_decode(q, k, v, cos, sin, keys, values, cache.write_index, attend, *self.scales, scale)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.scales is None:
             self.amax = [max(self.amax[0], float(k.abs().max())), max(self.amax[1], float(v.abs().max()))]
             if cache is not None:
                 k, v = cache.update(layer, k, v)
             return self.attention.attend(q, k, v, mask, scale)
         ks, vs = self.scales
-        if self.fused and q.shape[2] == 1 and isinstance(cache, ScatterCache) and cache.inplace:
-            keys, values = cache.keys[layer], cache.values[layer]
-            attend = keys.shape[2] if cache.attend_len is None else cache.attend_len
-            return fp8_kv_decode(q, k, v, keys, values, cache.write_index, attend, ks, vs, scale)
         k8, v8 = cache.update(layer, quantize(k, ks), quantize(v, vs))  # [B, H, S, D] FP8 rows to attend to
         return self.attention.attend(q, k8.to(q.dtype) * ks, v8.to(q.dtype) * vs, mask, scale)
 
@@ -97,10 +100,11 @@ def _decode_kernel_agrees(device: torch.device, stack_config) -> bool:
         return torch.randn(*shape, generator=gen, device=device)
 
     q, k, v = (randn(B, H, 1, D).to(torch.bfloat16) for _ in range(3))
+    cos, sin = (f(randn(B, 1, 1, stack_config.rotary_dim)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
     caches = [randn(B, H, S + 3, D).to(torch.float8_e4m3fn)[:, :, :S + 2] for _ in range(2)]
     write_index = torch.tensor([76, 4, 39, 78], device=device)  # the last one past the 77 attended rows
     want_caches = [c.clone() for c in caches]
-    want = _reference(q, k, v, *want_caches, write_index, S, 0.5, 0.25, 0.1).float()
+    want = _reference(q, k, v, cos, sin, *want_caches, write_index, S, 0.5, 0.25, 0.1).float()
     tuner = _kernel()
     agree, failures = [], []
     for config in tuner.configs:
@@ -108,7 +112,7 @@ def _decode_kernel_agrees(device: torch.device, stack_config) -> bool:
         for c in mine:  # rows past sequence 1's own (0 .. 4) may hold any bytes: NaN must not leak in
             c[1, :, 5:].view(torch.uint8).fill_(0x7F)  # NaN in E4M3
         try:
-            got = _fused(q, k, v, *mine, write_index, S, 0.5, 0.25, 0.1, config=config).float()
+            got = _fused(q, k, v, cos, sin, *mine, write_index, S, 0.5, 0.25, 0.1, config=config).float()
         except Exception as e:  # Triton compile or launch errors have no common base class
             failures.append(f"{config.kwargs}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -130,24 +134,28 @@ def _decode_kernel_agrees(device: torch.device, stack_config) -> bool:
 
 
 @torch.library.custom_op("blockrt::fp8_kv_decode", mutates_args=("k_cache", "v_cache"))
-def fp8_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  write_index: torch.Tensor, attend: int, k_scale: float, v_scale: float, scale: float) -> torch.Tensor:
-    """One decode step of one layer over its FP8 cache. q, k, v [B, H, 1, D]; k_cache, v_cache
-    [B, H, S, D] FP8 (keys / k_scale, values / v_scale). Writes the quantized k, v at row
-    write_index[b] of each sequence (in place), then attends q to its rows 0 .. write_index[b]
-    among the first `attend` rows -> [B, H, 1, D] in q's dtype."""
+def fp8_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, write_index: torch.Tensor, attend: int,
+                  k_scale: float, v_scale: float, scale: float) -> torch.Tensor:
+    """One decode step of one layer over its FP8 cache. q, k, v [B, H, 1, D], q and k before rotary
+    (cos / sin [B, 1, 1, R]: rotate-half on the first R channels of each head); k_cache, v_cache
+    [B, H, S, D] FP8 (keys / k_scale, values / v_scale). Rotates q and k, writes the quantized k, v
+    at row write_index[b] of each sequence (in place), then attends q to its rows 0 ..
+    write_index[b] among the first `attend` rows -> [B, H, 1, D] in q's dtype."""
     if q.is_cuda:
-        return _fused(q, k, v, k_cache, v_cache, write_index, attend, k_scale, v_scale, scale)
-    return _reference(q, k, v, k_cache, v_cache, write_index, attend, k_scale, v_scale, scale)
+        return _fused(q, k, v, cos, sin, k_cache, v_cache, write_index, attend, k_scale, v_scale, scale)
+    return _reference(q, k, v, cos, sin, k_cache, v_cache, write_index, attend, k_scale, v_scale, scale)
 
 
 @fp8_kv_decode.register_fake
-def _fp8_kv_decode_fake(q, k, v, k_cache, v_cache, write_index, attend, k_scale, v_scale, scale):
+def _fp8_kv_decode_fake(q, k, v, cos, sin, k_cache, v_cache, write_index, attend, k_scale, v_scale, scale):
     return q.new_empty(q.shape)  # contiguous, as the kernel writes it
 
 
-def _reference(q, k, v, k_cache, v_cache, write_index, attend: int, k_scale: float, v_scale: float, scale: float):
+def _reference(q, k, v, cos, sin, k_cache, v_cache, write_index, attend: int, k_scale: float, v_scale: float,
+               scale: float):
     """`fp8_kv_decode` in PyTorch ops: what prefill steps compute over the cache, one row at a time."""
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     write_rows(k_cache, quantize(k, k_scale), write_index)
     write_rows(v_cache, quantize(v, v_scale), write_index)
     keys = k_cache[:, :, :attend].to(q.dtype) * k_scale
@@ -157,21 +165,25 @@ def _reference(q, k, v, k_cache, v_cache, write_index, attend: int, k_scale: flo
                                                             scale=scale)
 
 
-def _fused(q, k, v, k_cache, v_cache, write_index, attend: int, k_scale: float, v_scale: float, scale: float,
-           config=None):
+def _fused(q, k, v, cos, sin, k_cache, v_cache, write_index, attend: int, k_scale: float, v_scale: float,
+           scale: float, config=None):
     """The Triton kernel: its autotuned tile, or the given `triton.Config`."""
     B, H, _, D = q.shape
+    R = cos.shape[-1]
+    cos, sin = cos.expand(B, 1, 1, R), sin.expand(B, 1, 1, R)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     # the autotuner's key: the tuned tile size depends on how many (sequence, head) programs fill
     # the GPU and how many rows each reads, rounded to powers of two (a few tunings per process)
     size_class = (B * H).bit_length() * 64 + attend.bit_length()
     args = (q, k, v, k_cache, v_cache, write_index, out, k_scale * scale * LOG2E, 1.0 / k_scale, 1.0 / v_scale,
             v_scale, FP8_MAX, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *k_cache.stride()[:3],
-            *v_cache.stride()[:3], *out.stride()[:2], H, k_cache.shape[2], attend, size_class)
+            *v_cache.stride()[:3], *out.stride()[:2], cos, sin, cos.stride(0), sin.stride(0), H, k_cache.shape[2],
+            attend, size_class)
     if config is None:
-        _kernel()[(B * H,)](*args, D=D)
+        _kernel()[(B * H,)](*args, D=D, R=R)
     else:
-        _kernel().fn[(B * H,)](*args, D=D, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        _kernel().fn[(B * H,)](*args, D=D, R=R, **config.kwargs, num_warps=config.num_warps,
+                               num_stages=config.num_stages)
     return out
 
 

@@ -21,10 +21,18 @@ def _tensor_core_tile(k, v, keep, qb, s_scale, m_r, l_r, acc_r):
     p = tl.exp2(s - m_new[:, None])
     return m_new, l_r * alpha + tl.sum(p, axis=1), acc_r * alpha[:, None] + tl.dot(p.to(qb.dtype), v.to(qb.dtype))
 
+@triton.jit
+def _rotated(X, d, c, s, partner, rotary):
+    # rotate-half on the first R channels in fp32, rounded to the model dtype as the model's own
+    # rotary output is (x * cos + rotate_half(x) * sin)
+    x = tl.load(X + d).to(tl.float32)
+    turn = tl.load(X + partner, mask=rotary, other=0.0).to(tl.float32)
+    return (x * c + turn * s).to(X.dtype.element_ty).to(tl.float32)
+
 @triton.jit(do_not_specialize=["rows", "attend", "size_class"])
 def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_max, sqb, sqh, sknb, sknh, svnb,
-                   svnh, skb, skh, sks, svb, svh, svs, sob, soh, H, rows, attend, size_class, D: tl.constexpr,
-                   BLOCK: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr):
+                   svnh, skb, skh, sks, svb, svh, svs, sob, soh, COS, SIN, scb, ssb, H, rows, attend, size_class,
+                   D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)  # 64-bit offsets: one layer's cache can pass 2^31 bytes (2496 x 16 x 545 x 128)
     h = pid % H
@@ -36,15 +44,20 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
     k0 = tl.load(k_rows + first[:, None] * sks, mask=(first < attend)[:, None], other=0.0)
     v0 = tl.load(v_rows + first[:, None] * svs, mask=(first < attend)[:, None], other=0.0)
     w = tl.load(W + b).to(tl.int32)
-    # the new row: quantized, written at row w (unless past the cache), and used from registers
-    kn = tl.load(KN + b * sknb + h * sknh + d).to(tl.float32) * k_inv
+    # rotary (the first R channels of q and k): cos / sin of this sequence's position
+    rotary = d < R
+    partner = tl.where(d < R // 2, d + R // 2, d - R // 2)
+    c = tl.load(COS + b * scb + d, mask=rotary, other=1.0).to(tl.float32)
+    s = tl.load(SIN + b * ssb + d, mask=rotary, other=0.0).to(tl.float32) * tl.where(d < R // 2, -1.0, 1.0)
+    # the new row: rotated, quantized, written at row w (unless past the cache), and used from registers
+    kn = _rotated(KN + b * sknb + h * sknh, d, c, s, partner, rotary) * k_inv
     vn = tl.load(VN + b * svnb + h * svnh + d).to(tl.float32) * v_inv
     kn = tl.minimum(tl.maximum(kn, -fp8_max), fp8_max).to(tl.float8e4nv)
     vn = tl.minimum(tl.maximum(vn, -fp8_max), fp8_max).to(tl.float8e4nv)
     in_cache = (w + 0 * d) < rows  # [D]
     tl.store(K + b * skb + h * skh + w * sks + d, kn, mask=in_cache)
     tl.store(V + b * svb + h * svh + w * svs + d, vn, mask=in_cache)
-    q_in = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32)
+    q_in = _rotated(Q + b * sqb + h * sqh, d, c, s, partner, rotary)
     q = q_in * qk_scale  # log2 units: exp2 below
     # older rows: 0 .. min(w, attend) - 1, read from the cache (never the row written above)
     n_old = tl.minimum(w, attend)

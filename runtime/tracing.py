@@ -15,24 +15,33 @@ import dataclasses
 import gc
 import statistics
 import time
+import traceback
 
 from .generator import Generator, StepTrace
 
 TRACE_LIMIT = 1_000_000  # steps (and garbage collections) a trace keeps, the latest
 
 
+SLOW_COLLECTION_S = 0.02  # a collection this long also records where it ran (its Python stack)
+
+
 class _CollectorSpans:
-    """gc callback: (start, end, generation) of each garbage collection, perf_counter seconds."""
+    """gc callback: (start, end, generation) of each garbage collection, perf_counter seconds, and
+    for slow ones (start, the stack that triggered it)."""
 
     def __init__(self):
         self.spans: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=TRACE_LIMIT)
+        self.slow: collections.deque[tuple[float, str]] = collections.deque(maxlen=100)
         self._start = 0.0
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.spans.append((self._start, time.perf_counter(), info["generation"]))
+            end = time.perf_counter()
+            self.spans.append((self._start, end, info["generation"]))
+            if end - self._start > SLOW_COLLECTION_S:
+                self.slow.append((self._start, "".join(traceback.format_stack(limit=12)[:-1])))
 
 
 class Trace:
@@ -47,7 +56,7 @@ class Trace:
     def result(self) -> dict:
         """{"steps": [StepTrace as a tuple, ...], "gc": [(start, end, generation), ...]} so far."""
         return {"steps": [dataclasses.astuple(t) for t in self.generator.trace or ()],
-                "gc": list(self._collections.spans)}
+                "gc": list(self._collections.spans), "gc_slow": list(self._collections.slow)}
 
     def stop(self) -> dict:
         """Stop recording; what was recorded (`result`)."""
@@ -64,11 +73,12 @@ def step_summary(trace: dict, start: float, end: float, batch: int) -> dict:
     device within them, the host time between them (a server's engine loop: commands and output),
     prefills, CUDA graph captures (and calls run on a larger graph instead) and garbage collections.
     `full_batch_*`: steps with at least 95% of `batch` rows and no prefill, the steady state of a
-    decode-bound run."""
+    decode-bound run. `gc_slow_stacks`: where each collection longer than SLOW_COLLECTION_S ran."""
     steps = [StepTrace(*row) for row in trace["steps"] if start <= row[0] <= end]
     gcs = [(b - a, generation) for a, b, generation in trace["gc"] if start <= a <= end]
     collections_ = {"gc_ms": 1e3 * sum(d for d, _ in gcs), "gc_full": sum(1 for _, g in gcs if g == 2),
-                    "gc_max_ms": 1e3 * max((d for d, _ in gcs), default=0.0)}
+                    "gc_max_ms": 1e3 * max((d for d, _ in gcs), default=0.0),
+                    "gc_slow_stacks": [stack for t, stack in trace.get("gc_slow", ()) if start <= t <= end]}
     if len(steps) < 2:
         return {"steps": len(steps), **collections_}
     pairs = list(zip(steps, steps[1:]))

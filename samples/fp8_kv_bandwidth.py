@@ -33,8 +33,10 @@ def main() -> None:
     last = torch.full((B,), S - 1, dtype=torch.long, device="cuda")
     scale = D ** -0.5
 
+    cos, sin = torch.ones(B, 1, 1, D // 4, device="cuda"), torch.zeros(B, 1, 1, D // 4, device="cuda")  # rotary off
+
     def fp8_step():
-        return fp8_kv_decode(q, new_k, new_v, k8, v8, last, S, 1.0, 1.0, scale)
+        return fp8_kv_decode(q, new_k, new_v, cos, sin, k8, v8, last, S, 1.0, 1.0, scale)
 
     fp8 = fp8_step()  # also autotunes the tile size
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k8.float(), v8.float(), scale=scale)

@@ -392,11 +392,15 @@ def test_fused_fp8_decode_kernel_computes_what_the_pytorch_ops_do_in_the_triton_
 @torch.no_grad()
 def _interpreted_decode_kernel_check() -> None:
     """Ragged lengths over more than one tile, an empty sequence, a row written past the attended
-    ones, strided caches: the output within bf16 rounding, the written rows bit for bit. The new keys
-    and values are E4M3 values times the scales, so quantizing them is exact: the interpreter's
-    float -> E4M3 cast (triton 3.9) rounds some values next to a power of two to the wrong neighbour,
-    which the GPU does not. The bf16 tensor-core form is left out: the interpreter's bf16 matrix
-    products came out wrong (on the GPU `_decode_kernel_agrees` runs every configuration)."""
+    ones, strided caches, with and without rotary. Without it the output is within bf16 rounding and
+    the written rows equal bit for bit (the new keys and values are E4M3 values times the scales, so
+    quantizing them is exact: the interpreter's float -> E4M3 cast (triton 3.9) rounds some values
+    next to a power of two to the wrong neighbour, which the GPU does not). With it the kernel rounds
+    the rotated q and k to bf16 as the model does (the reference here stays in fp32): the output
+    within that rounding too (the written rows are checked on the GPU, `_decode_kernel_agrees`, where
+    the cast is right). The bf16 tensor-core form is
+    left out: the interpreter's bf16 matrix products came out wrong (on the GPU
+    `_decode_kernel_agrees` runs every configuration)."""
     from blockrt.runtime import fp8_kv
 
     gen = torch.Generator().manual_seed(0)
@@ -406,16 +410,23 @@ def _interpreted_decode_kernel_check() -> None:
             for s in (k_scale, v_scale))
     caches = [torch.randn(B, H, S + 3, D, generator=gen).to(torch.float8_e4m3fn)[:, :, :S + 2] for _ in range(2)]
     write_index = torch.tensor([69, 4, 0, 33, 71])  # the last one past the 70 attended rows
-    want_caches = [c.clone() for c in caches]
-    want = fp8_kv._reference(q.float(), k.float(), v.float(), *want_caches, write_index, S, k_scale, v_scale, 0.5)
+    angles = torch.randn(B, 1, 1, D // 4, generator=gen).repeat(1, 1, 1, 2)  # rotary on half of each head
+    rotations = {"none": (torch.ones_like(angles), torch.zeros_like(angles)), "rotary": (angles.cos(), angles.sin())}
     configs = [c for c in fp8_kv._kernel().configs if c.kwargs["DOT"] != 1]
     assert {c.kwargs["DOT"] for c in configs} == {0, 2}
-    for config in configs:
-        got_caches = [c.clone() for c in caches]
-        got = fp8_kv._fused(q, k, v, *got_caches, write_index, S, k_scale, v_scale, 0.5, config=config).float()
-        assert float((got - want).norm() / want.norm()) < 2.5e-3, config  # 2.0e-3: the outputs rounded to bf16
-        for a, b in zip(got_caches, want_caches):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), config
+    for rotation, (cos, sin) in rotations.items():
+        want_caches = [c.clone() for c in caches]
+        want = fp8_kv._reference(q.float(), k.float(), v.float(), cos, sin, *want_caches, write_index, S, k_scale,
+                                 v_scale, 0.5)
+        for config in configs:
+            got_caches = [c.clone() for c in caches]
+            got = fp8_kv._fused(q, k, v, cos.bfloat16(), sin.bfloat16(), *got_caches, write_index, S, k_scale,
+                                v_scale, 0.5, config=config).float()
+            rel = float((got - want).norm() / want.norm())
+            assert rel < (2.5e-3 if rotation == "none" else 4e-3), (rotation, config, rel)  # bf16: 2.0e-3 per rounding
+            if rotation == "none":  # rotated keys are not E4M3 values: the interpreter's cast may round them wrong
+                for a, b in zip(got_caches, want_caches):
+                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), config
     print("checked", len(configs), "configurations")
 
 

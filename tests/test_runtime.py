@@ -414,3 +414,26 @@ def test_capturing_graphs_at_start_is_a_no_op_without_cuda_graphs_and_refuses_li
     with pytest.raises(RuntimeError, match="no live rows"):
         gen.capture_graphs()
     gen.reset()
+
+
+def test_trace_names_where_a_slow_garbage_collection_ran(exported):
+    """A collection longer than SLOW_COLLECTION_S is recorded with the stack that triggered it, so a
+    bench run can say who walked the heap (and step_summary keeps those of its window)."""
+    import gc
+    import time
+
+    from blockrt.runtime.tracing import SLOW_COLLECTION_S, Trace, step_summary
+
+    gen = Model.load(exported("tiny_block"), backend="torch").generator()
+    heap = [[i] for i in range(1_500_000)]  # enough tracked objects for a slow full collection
+    trace = Trace(gen)
+    start = time.perf_counter()
+    try:
+        gc.collect()
+    finally:
+        recorded = trace.stop()
+    del heap
+    slow = step_summary(recorded, start, time.perf_counter(), batch=1)["gc_slow_stacks"]
+    durations = [b - a for a, b, _ in recorded["gc"]]
+    assert max(durations) > SLOW_COLLECTION_S and len(slow) == sum(d > SLOW_COLLECTION_S for d in durations)
+    assert "test_trace_names_where_a_slow_garbage_collection_ran" in slow[0]
