@@ -201,25 +201,26 @@ def _kernel():
 def _build_kernel():
     import triton
 
-    # Two ways to attend, each in the configurations that won somewhere on an H100 (block_main_b4_1.2b's
-    # 16 heads of 128 at batch 2368, 48 to 540 cached rows; README "FP8 KV cache"). Every
-    # configuration is checked once by `_decode_kernel_agrees` before the autotuner may choose it.
+    # Two ways to attend, in the configurations that won at some context length on an H100
+    # (block_main_b4_1.2b's 16 heads of 128 at batch 2368, 96 to 540 cached rows, each forced in turn;
+    # README "FP8 KV cache"). Every configuration is checked once by `_decode_kernel_agrees` before
+    # the autotuner may choose it.
     # - DOT = 0, CUDA cores: each of the BLOCK row slots of a tile keeps its own online softmax
     #   (running maximum, sum and weighted values over rows slot, slot + BLOCK, ...), merged once after
     #   the loop, so a tile needs no reduction across warps (the dot products reduce within a warp).
-    #   PREFETCH loads the next tile before computing on this one (more bytes in flight).
-    # - DOT = 1 / 2, tensor cores: both products as matrix products (16 copies of the query row) in
-    #   bf16 / fp16 (fp16 holds every E4M3 value, and the probabilities with 3 more mantissa bits), which
-    #   lets Triton pipeline the tile loads through shared memory (`num_stages`).
-    # In both, the first tile is loaded before the write index is known (masked by `attend`, the rows
-    # every sequence may have), so that a program's first bytes are in flight at once instead of
-    # after the index's load: with ~38k short programs (one per sequence and head) that wait was a
-    # fixed cost per call. Rows of that tile past the sequence's own are masked once the index is in.
+    #   PREFETCH loads the next tile before computing on this one (more bytes in flight), and the
+    #   first tile is loaded before the write index is known (masked by `attend`, the rows every
+    #   sequence may have; rows past the sequence's own are masked once the index is in), so that a
+    #   program's first bytes are in flight at once: 1-8% faster than after the index.
+    # - DOT = 2, tensor cores: both products as fp16 matrix products (16 copies of the query row; fp16
+    #   holds every E4M3 value, and the probabilities with 3 more mantissa bits), which lets Triton
+    #   pipeline the tile loads through shared memory (`num_stages`); taking the first tile out of
+    #   that pipeline made it 4-16% slower, so it is not. (A bf16 form, DOT = 1, lost everywhere.)
     # The lengths are not specialized, so the kernels compiled for the check serve every context; the
     # strides are (multiples of 16 bytes, so the rows load 16 bytes at a time).
-    configs = [triton.Config({"BLOCK": 32, "PREFETCH": 1, "DOT": 0}, num_warps=2, num_stages=1),
-               triton.Config({"BLOCK": 32, "PREFETCH": 0, "DOT": 0}, num_warps=2, num_stages=3),
-               triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 1}, num_warps=4, num_stages=3),
+    configs = [triton.Config({"BLOCK": 16, "PREFETCH": 1, "DOT": 0}, num_warps=1, num_stages=1),
+               triton.Config({"BLOCK": 32, "PREFETCH": 1, "DOT": 0}, num_warps=2, num_stages=1),
+               triton.Config({"BLOCK": 32, "PREFETCH": 0, "DOT": 2}, num_warps=2, num_stages=3),
                triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 2}, num_warps=4, num_stages=3)]
 
     from .fp8_kv_kernel import decode_kernel

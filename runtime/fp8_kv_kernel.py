@@ -40,9 +40,9 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
     first = tl.arange(0, BLOCK)
     k_rows = K + b * skb + h * skh + d[None, :]
     v_rows = V + b * svb + h * svh + d[None, :]
-    # the first tile, before the write index: rows below `attend` exist in every sequence's cache
-    k0 = tl.load(k_rows + first[:, None] * sks, mask=(first < attend)[:, None], other=0.0)
-    v0 = tl.load(v_rows + first[:, None] * svs, mask=(first < attend)[:, None], other=0.0)
+    if not DOT:  # the first tile, before the write index: rows below `attend` exist in every sequence's cache
+        k0 = tl.load(k_rows + first[:, None] * sks, mask=(first < attend)[:, None], other=0.0)
+        v0 = tl.load(v_rows + first[:, None] * svs, mask=(first < attend)[:, None], other=0.0)
     w = tl.load(W + b).to(tl.int32)
     # rotary (the first R channels of q and k): cos / sin of this sequence's position
     rotary = d < R
@@ -61,8 +61,6 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
     q = q_in * qk_scale  # log2 units: exp2 below
     # older rows: 0 .. min(w, attend) - 1, read from the cache (never the row written above)
     n_old = tl.minimum(w, attend)
-    keep0 = first < n_old
-    v0 = tl.where(keep0[:, None], v0.to(tl.float16), 0.0)  # rows past the sequence's may hold any bytes (NaN)
     if DOT:
         if DOT == 2:  # the query unscaled (an fp16 of the scaled one could underflow), scaled in fp32 after
             qb = (tl.zeros((16, D), tl.float32) + q_in[None, :]).to(tl.float16)
@@ -70,9 +68,10 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
         else:
             qb = (tl.zeros((16, D), tl.float32) + q[None, :]).to(tl.bfloat16)
             s_scale = 1.0
-        m_r, l_r, acc_r = _tensor_core_tile(k0, v0, keep0, qb, s_scale, tl.full((16,), -1e30, tl.float32),
-                                            tl.zeros((16,), tl.float32), tl.zeros((16, D), tl.float32))
-        for start in range(BLOCK, n_old, BLOCK):
+        m_r = tl.full((16,), -1e30, tl.float32)
+        l_r = tl.zeros((16,), tl.float32)
+        acc_r = tl.zeros((16, D), tl.float32)
+        for start in range(0, n_old, BLOCK):
             n = start + first
             keep = n < n_old
             k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0)
@@ -82,6 +81,8 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
         acc = tl.sum(acc_r, axis=0) * (1.0 / 16)  # the 16 rows are copies of one
         l_i = tl.sum(l_r, axis=0) * (1.0 / 16)
     else:
+        keep0 = first < n_old
+        v0 = tl.where(keep0[:, None], v0.to(tl.float16), 0.0)  # rows past the sequence's may hold any bytes (NaN)
         m_rows, l_rows, acc_rows = _cuda_core_tile(k0, v0, keep0, q, tl.full((BLOCK,), -1e30, tl.float32),
                                                    tl.zeros((BLOCK,), tl.float32), tl.zeros((BLOCK, D), tl.float32))
         if PREFETCH:

@@ -41,7 +41,7 @@ class _CollectorSpans:
             end = time.perf_counter()
             self.spans.append((self._start, end, info["generation"]))
             if end - self._start > SLOW_COLLECTION_S:
-                self.slow.append((self._start, "".join(traceback.format_stack(limit=12)[:-1])))
+                self.slow.append((self._start, "".join(traceback.format_stack()[-16:-1])))  # innermost frames
 
 
 class Trace:
