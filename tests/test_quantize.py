@@ -161,8 +161,13 @@ def test_quantized_graphs_build_with_tensorrt_rtx(tmp_path, quantized, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_engine_generates_what_onnxruntime_generates_on_a_quantized_artifact(quantized, mode):
+    """On the CPU the PyTorch engine runs the quantized artifact with the QDQ arithmetic of its graphs,
+    so its greedy tokens are ONNX Runtime's. (On a GPU it runs fused kernels, whose tokens parted from
+    ONNX Runtime's after ~33 of 40 on an H100 for fp8 and int4-wo: the CUDA engine tests below check
+    those by task accuracy instead.)"""
     prompts, config = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11]], GenerationConfig(max_new_tokens=40, ignore_eos=True)
-    torch_tokens = [r.token_ids for r in Model.load(quantized(mode), backend="torch").generate(prompts, config)]
+    engine = Model.load(quantized(mode), backend="torch", device="cpu")
+    torch_tokens = [r.token_ids for r in engine.generate(prompts, config)]
     ort_tokens = [r.token_ids for r in Model.load(quantized(mode), backend="onnxruntime").generate(prompts, config)]
     assert torch_tokens == ort_tokens
 
@@ -386,7 +391,7 @@ def test_fused_fp8_decode_kernel_computes_what_the_pytorch_ops_do_in_the_triton_
                           env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["checked", "4", "configurations"]
+    assert done.stdout.split() == ["checked", "3", "configurations"]
 
 
 @torch.no_grad()
