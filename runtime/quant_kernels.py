@@ -130,7 +130,7 @@ class _Fp8:
         # per-row scale is a slice of a ones column (no kernel to build it: a [rows, 1] tensor made per
         # GEMM was 4 kernels per layer and step, which Inductor also fused into the producers of the
         # activations, slowing them)
-        self.w_scale = (layer.input_scale.float() * layer.weight_scale.float()).reshape(1, -1).contiguous()
+        self.channel_scale = (layer.input_scale.float() * layer.weight_scale.float()).reshape(1, -1).contiguous()
         self.ones = ones_column(ONES_ROWS, layer.qweight.device)
         self.w_scale_out = layer.weight_scale.reshape(-1)  # in the model dtype, for the tensorwise output
         self.inv_scale = (1.0 / layer.input_scale.float()).reshape(1)
@@ -161,7 +161,7 @@ class _Fp8:
         if self.rowwise:
             if xq.shape[0] > self.ones.shape[0]:  # a prefill past ONES_ROWS (eager)
                 self.ones = ones_column(xq.shape[0], xq.device)
-            return torch._scaled_mm(xq, self.weight, scale_a=self.ones[:xq.shape[0]], scale_b=self.w_scale,
+            return torch._scaled_mm(xq, self.weight, scale_a=self.ones[:xq.shape[0]], scale_b=self.channel_scale,
                                     bias=self.layer.bias, out_dtype=dtype, use_fast_accum=self.fast)
         return torch._scaled_mm(xq, self.weight, scale_a=self.x_scale, scale_b=self.one, out_dtype=dtype,
                                 use_fast_accum=self.fast)
