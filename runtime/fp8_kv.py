@@ -44,8 +44,7 @@ class Fp8KV:
 
     def __call__(self, q, k, v, cos, sin, mask, cache, layer: int, scale: float):
         """Attention of q, k, v (before rotary: cos / sin [B, 1, T, R]) over the layer's cache."""
-        if (self.scales is not None and self.fused and q.shape[2] == 1 and isinstance(cache, ScatterCache)
-                and cache.inplace):
+        if self.fused and q.shape[2] == 1 and isinstance(cache, ScatterCache) and cache.inplace:  # fused: scales set
             keys, values = cache.keys[layer], cache.values[layer]
             attend = keys.shape[2] if cache.attend_len is None else cache.attend_len
             return fp8_kv_decode(q, k, v, cos, sin, keys, values, cache.write_index, attend, *self.scales, scale)
@@ -209,7 +208,7 @@ def _build_kernel():
     # - DOT = 0, CUDA cores: each of the BLOCK row slots of a tile keeps its own online softmax
     #   (running maximum, sum and weighted values over rows slot, slot + BLOCK, ...), merged once after
     #   the loop, so a tile needs no reduction across warps (the dot products reduce within a warp).
-    #   PREFETCH loads the next tile before computing on this one (more bytes in flight), and the
+    #   The next tile is loaded before computing on this one (more bytes in flight), and the
     #   first tile is loaded before the write index is known (masked by `attend`, the rows every
     #   sequence may have; rows past the sequence's own are masked once the index is in), so that a
     #   program's first bytes are in flight at once: 1-8% faster than after the index.
@@ -221,9 +220,9 @@ def _build_kernel():
     # strides are (multiples of 16 bytes, so the rows load 16 bytes at a time).
     # (A 16-row, 1-warp CUDA-core form, fastest in that sweep at 96 rows, disagreed with the PyTorch ops
     # on the GPU in two calls, relative error 0.23 and 2.1, though it agrees in Triton's interpreter.)
-    configs = [triton.Config({"BLOCK": 32, "PREFETCH": 1, "DOT": 0}, num_warps=2, num_stages=1),
-               triton.Config({"BLOCK": 32, "PREFETCH": 0, "DOT": 2}, num_warps=2, num_stages=3),
-               triton.Config({"BLOCK": 64, "PREFETCH": 0, "DOT": 2}, num_warps=4, num_stages=3)]
+    configs = [triton.Config({"BLOCK": 32, "DOT": 0}, num_warps=2, num_stages=1),
+               triton.Config({"BLOCK": 32, "DOT": 2}, num_warps=2, num_stages=3),
+               triton.Config({"BLOCK": 64, "DOT": 2}, num_warps=4, num_stages=3)]
 
     from .fp8_kv_kernel import decode_kernel
 

@@ -32,7 +32,7 @@ def _rotated(X, d, c, s, partner, rotary):
 @triton.jit(do_not_specialize=["rows", "attend", "size_class"])
 def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_max, sqb, sqh, sknb, sknh, svnb,
                    svnh, skb, skh, sks, svb, svh, svs, sob, soh, COS, SIN, scb, ssb, H, rows, attend, size_class,
-                   D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr):
+                   D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)  # 64-bit offsets: one layer's cache can pass 2^31 bytes (2496 x 16 x 545 x 128)
     h = pid % H
@@ -61,13 +61,10 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
     q = q_in * qk_scale  # log2 units: exp2 below
     # older rows: 0 .. min(w, attend) - 1, read from the cache (never the row written above)
     n_old = tl.minimum(w, attend)
-    if DOT:
-        if DOT == 2:  # the query unscaled (an fp16 of the scaled one could underflow), scaled in fp32 after
-            qb = (tl.zeros((16, D), tl.float32) + q_in[None, :]).to(tl.float16)
-            s_scale = qk_scale
-        else:
-            qb = (tl.zeros((16, D), tl.float32) + q[None, :]).to(tl.bfloat16)
-            s_scale = 1.0
+    if DOT:  # fp16 tensor cores (DOT = 2; the bf16 form, 1, is gone): the query unscaled (an fp16 of
+        # the scaled one could underflow), scaled in fp32 after
+        qb = (tl.zeros((16, D), tl.float32) + q_in[None, :]).to(tl.float16)
+        s_scale = qk_scale
         m_r = tl.full((16,), -1e30, tl.float32)
         l_r = tl.zeros((16,), tl.float32)
         acc_r = tl.zeros((16, D), tl.float32)
@@ -80,25 +77,20 @@ def decode_kernel(Q, KN, VN, K, V, W, O, qk_scale, k_inv, v_inv, v_scale, fp8_ma
         m_i = tl.max(m_r, axis=0)
         acc = tl.sum(acc_r, axis=0) * (1.0 / 16)  # the 16 rows are copies of one
         l_i = tl.sum(l_r, axis=0) * (1.0 / 16)
-    else:
+    else:  # CUDA cores, the next tile loaded before computing on this one
         keep0 = first < n_old
         v0 = tl.where(keep0[:, None], v0.to(tl.float16), 0.0)  # rows past the sequence's may hold any bytes (NaN)
         m_rows, l_rows, acc_rows = _cuda_core_tile(k0, v0, keep0, q, tl.full((BLOCK,), -1e30, tl.float32),
                                                    tl.zeros((BLOCK,), tl.float32), tl.zeros((BLOCK, D), tl.float32))
-        if PREFETCH:
-            k_next = tl.load(k_rows + (BLOCK + first)[:, None] * sks, mask=(BLOCK + first < n_old)[:, None], other=0.0)
-            v_next = tl.load(v_rows + (BLOCK + first)[:, None] * svs, mask=(BLOCK + first < n_old)[:, None], other=0.0)
+        k_next = tl.load(k_rows + (BLOCK + first)[:, None] * sks, mask=(BLOCK + first < n_old)[:, None], other=0.0)
+        v_next = tl.load(v_rows + (BLOCK + first)[:, None] * svs, mask=(BLOCK + first < n_old)[:, None], other=0.0)
         for start in range(BLOCK, n_old, BLOCK):
             n = start + first
             keep = n < n_old
-            if PREFETCH:
-                k, v = k_next, v_next
-                after = n + BLOCK
-                k_next = tl.load(k_rows + after[:, None] * sks, mask=(after < n_old)[:, None], other=0.0)
-                v_next = tl.load(v_rows + after[:, None] * svs, mask=(after < n_old)[:, None], other=0.0)
-            else:
-                k = tl.load(k_rows + n[:, None] * sks, mask=keep[:, None], other=0.0)
-                v = tl.load(v_rows + n[:, None] * svs, mask=keep[:, None], other=0.0)
+            k, v = k_next, v_next
+            after = n + BLOCK
+            k_next = tl.load(k_rows + after[:, None] * sks, mask=(after < n_old)[:, None], other=0.0)
+            v_next = tl.load(v_rows + after[:, None] * svs, mask=(after < n_old)[:, None], other=0.0)
             m_rows, l_rows, acc_rows = _cuda_core_tile(k, v, keep, q, m_rows, l_rows, acc_rows)
         m_i = tl.max(m_rows, axis=0)
         merge = tl.exp2(m_rows - m_i)
