@@ -119,7 +119,8 @@ def profile_kernels(model, prompts: list[list[int]], gen_len: int, rows: int = 3
     config = GenerationConfig(max_new_tokens=gen_len, ignore_eos=True)
     model.generate(prompts, config)
     gen = model.generator()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, gen.annotate_steps():
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=trace is not None) as prof, \
+            gen.annotate_steps():
         model.generate(prompts, config)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(trace) if trace is not None else Path(scratch) / "trace.json"
@@ -128,6 +129,6 @@ def profile_kernels(model, prompts: list[list[int]], gen_len: int, rows: int = 3
             log.info("timeline saved to %s", trace)
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as f:
-            breakdown = step_kernels(json.load(f), tuple(gen.STEP_NAMES))
+            breakdown = step_kernels(json.load(f), gen.STEP_NAMES)
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
     return table, breakdown
