@@ -47,7 +47,9 @@ log = logging.getLogger("blockrt.bench")
               help="FP8 KV cache for MODEL's block decoder (a preset; calibrated scales, fused decode attention on CUDA).")
 @click.option("--device", default=None, help="cuda (default when available) or cpu.")
 @compile_option
-@click.option("--profile", is_flag=True, help="Also log the heaviest GPU kernels of a short run (torch.profiler).")
+@click.option("--profile", is_flag=True,
+              help="Also log the heaviest GPU kernels of a short run (torch.profiler), and each engine step's "
+                   "kernels per call (JSON 'kernels'). A mid-context profile: --prompt-len 1152 --gen-len 16.")
 @click.option("--serve", "serve", is_flag=True, help="Benchmark `blockrt serve` on loopback against the offline engine "
               "on the same workload (--clients streams x --requests each, --prompt-len, --gen-len).")
 @click.option("--clients", default="256", show_default=True, metavar="N[,N...]",
