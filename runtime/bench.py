@@ -292,6 +292,17 @@ def per_row_bytes(model, prompt_len: int, gen_len: int) -> int:
     return cache + logits + activations
 
 
+def _free_memory(device: torch.device) -> int:
+    """Device memory a run can have: what the driver reports free once PyTorch's caching allocator
+    has handed back the blocks it holds unused (the hardware measurement's buffers, a preset's fp32
+    weights before their cast: some 8 GB for block_main_b4_1.2b, which made the first workload's auto
+    batch 1216 where the second's was 1280). A CPU: 8 GiB."""
+    if device.type != "cuda":
+        return 8 << 30
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
 def auto_batch(model_bytes_free: int, row_bytes: int, limit: int) -> int:
     """Largest batch (a multiple of 64 when >= 64) that fits 90% of the free memory."""
     n = int(0.9 * model_bytes_free // row_bytes)
@@ -553,7 +564,7 @@ def run_bench(targets: list[Target], workloads: list[tuple[str, int, int]], batc
         if plan is plans[0] and (quantize or kv_cache_dtype):
             weights, kv, quant = _quantized(weights, quantize, kv_cache_dtype), kv_cache_dtype, quantize
         for name, prompt_len, gen_len in workloads:
-            free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 8 << 30
+            free = _free_memory(dev)
             if target.is_hf:
                 row = _hf_row_bytes(weights, prompt_len + gen_len, hf_dtype)
             else:

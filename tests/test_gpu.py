@@ -128,6 +128,7 @@ def test_compiled_bf16_runtime_tokens_are_top_choices_of_the_fp32_reference_1_2b
     assert_bf16_tokens_are_reference_top_choices("block_main_b4_1.2b", "cuda", compile=True)
 
 
+@torch.no_grad()
 def test_mlp_gelu_epilogue_errs_no_more_than_bf16_rounding():
     """The engine's bf16 MLPs put bias and GELU in the up-projection's cuBLASLt epilogue (tanh GELU):
     against the fp32 exact-GELU MLP it must err about as the plain bf16 MLP does, and not compute
@@ -149,6 +150,19 @@ def test_mlp_gelu_epilogue_errs_no_more_than_bf16_rounding():
         return float((y - want).norm() / want.norm())
 
     assert rel(fused) < 1.5 * rel(plain) + 1e-3, (rel(fused), rel(plain))
-    with torch.no_grad():
-        mlp.dense_h_to_4h.bias.zero_()
+    mlp.dense_h_to_4h.bias.zero_()
     assert rel(mlp(x.bfloat16()).float()) > 10 * rel(fused)
+
+
+def test_bench_counts_memory_the_allocator_holds_unused_as_free():
+    """The auto batch is sized from free memory: blocks PyTorch's caching allocator keeps after their
+    tensors die (a preset's fp32 weights before their cast) are free for the run, not taken."""
+    from blockrt.runtime.bench import _free_memory
+
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    before = torch.cuda.mem_get_info(dev)[0]
+    held = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    del held  # its 1 GiB stays reserved by the allocator
+    assert torch.cuda.mem_get_info(dev)[0] < before - (1 << 29)
+    assert _free_memory(dev) > before - (1 << 28)
